@@ -1,0 +1,165 @@
+"""Command line: ``python -m service serve | train | sample | evaluate | import-diffusers``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from service.train import TrainConfig, train
+
+    cfg = TrainConfig(
+        data=args.data,
+        out=args.out,
+        workdir=args.workdir,
+        name=args.name,
+        image_size=args.image_size,
+        channels=args.channels,
+        block_out_channels=args.block_out_channels,
+        attention_levels=args.attention_levels,
+        layers_per_block=args.layers_per_block,
+        norm_num_groups=args.norm_num_groups,
+        dropout=args.dropout,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        ema_decay=args.ema_decay,
+        steps=args.steps,
+        holdout=args.holdout,
+        seed=args.seed,
+        dtype=args.dtype,
+        threads=args.threads,
+        sample_every=args.sample_every,
+        checkpoint_every=args.checkpoint_every,
+        extra={"command": "python -m service " + " ".join(sys.argv[1:])},
+    )
+    train(cfg, resume=args.resume)
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from service.diffusion.checkpoint import load_model
+    from service.diffusion.pipeline import prepare_unet, sample
+    from service.imaging import grid, png_bytes
+    from service.progress import Progress
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model, _device(args.device))
+    dtype = _dtype(args.dtype)
+    prepare_unet(model, dtype)
+    init = None
+    if args.init_noise:
+        init = torch.from_numpy(np.load(args.init_noise, allow_pickle=False)).float()
+    steps = args.steps or (model.spec.num_train_timesteps if args.sampler == "ddpm" else 50)
+    batch = args.batch or args.num
+    bar = Progress(steps * -(-args.num // batch), desc=f"{args.sampler}-{steps}")
+    images = sample(
+        model, args.num, args.seed, args.sampler, steps, args.eta, init, batch, dtype, progress=bar.update
+    )
+    bar.close()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".npy":
+        np.save(out, images.numpy().astype(np.float32), allow_pickle=False)
+    elif out.suffix == ".png":
+        out.write_bytes(png_bytes(grid(images)))
+    else:
+        raise SystemExit(f"--out must end in .npy or .png, got {out}")
+    print(f"wrote {tuple(images.shape)} to {out}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from service.diffusion.checkpoint import import_diffusers
+
+    dst = import_diffusers(args.src, args.dst, args.name)
+    print(f"imported {args.src} -> {dst}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a DDPM on images; writes a model-store entry")
+    t.add_argument("--data", required=True, help="MNIST IDX file (.gz or raw), image folder or .npz")
+    t.add_argument("--out", default="model_store/mnist")
+    t.add_argument("--workdir", default="runs/mnist", help="training checkpoints and sample grids")
+    t.add_argument("--name", default="mnist")
+    t.add_argument("--image-size", type=int, default=28)
+    t.add_argument("--channels", type=int, default=1)
+    t.add_argument("--block-out-channels", type=_ints, default=(32, 64, 128))
+    t.add_argument("--attention-levels", type=_ints, default=(2,), help="e.g. 2 or 1,2 (0 = full res)")
+    t.add_argument("--layers-per-block", type=int, default=1)
+    t.add_argument("--norm-num-groups", type=int, default=8)
+    t.add_argument("--dropout", type=float, default=0.0)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--warmup-steps", type=int, default=200)
+    t.add_argument("--ema-decay", type=float, default=0.999)
+    t.add_argument("--steps", type=int, default=10_000)
+    t.add_argument("--holdout", type=int, default=1000)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--sample-every", type=int, default=500)
+    t.add_argument("--checkpoint-every", type=int, default=250)
+    t.add_argument("--resume", action="store_true", help="continue from WORKDIR/train_state.pt")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="generate images offline")
+    s.add_argument("--model", default="model_store/mnist")
+    s.add_argument("--num", type=int, default=16)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    s.add_argument("--steps", type=int, default=None, help="default: T for ddpm, 50 for ddim")
+    s.add_argument("--eta", type=float, default=0.0)
+    s.add_argument("--init-noise", default=None, help=".npy x_T of shape (N, C, H, W)")
+    s.add_argument("--batch", type=int, default=None)
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    s.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--out", required=True, help="FILE.npy (float32 (N,C,H,W) in [-1,1]) or FILE.png (grid)")
+    s.set_defaults(func=cmd_sample)
+
+    i = sub.add_parser("import-diffusers", help="convert a diffusers UNet2DModel folder to a model-store entry")
+    i.add_argument("src")
+    i.add_argument("dst")
+    i.add_argument("--name", default=None)
+    i.set_defaults(func=cmd_import)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""The interface between the HTTP layer and the engine: requests, results, events and errors.
+
+Routes depend only on :class:`EngineClient`; the engine in ``service.engine.batcher`` implements it.
+No FastAPI here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from service.diffusion.samplers import SamplerName
+from service.diffusion.schedule import NoiseSchedule, VarianceType
+
+__all__ = [
+    "EngineClient",
+    "EngineError",
+    "EngineNotReadyError",
+    "GenerationRequest",
+    "GenerationResult",
+    "ModelInfo",
+    "ProgressEvent",
+    "QueueFullError",
+    "RequestCancelledError",
+    "RequestHandle",
+    "RequestTimeoutError",
+]
+
+
+class EngineError(RuntimeError):
+    """The engine failed while running a request."""
+
+
+class QueueFullError(EngineError):
+    """The bounded queue has no room for the request's rows; retry after ``retry_after_s`` seconds."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class EngineNotReadyError(EngineError):
+    """The engine is not running: not started yet, draining or stopped."""
+
+
+class RequestTimeoutError(EngineError):
+    """The request's deadline passed before it finished."""
+
+
+class RequestCancelledError(EngineError):
+    """The request was cancelled (e.g. the client disconnected)."""
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    num_images: int  # rows of this request, 1..max_images_per_request
+    seed: int  # row i draws all its noise from row_generator(seed, i)
+    sampler: SamplerName = "ddpm"  # "ddpm" (ancestral, possibly respaced) or "ddim"
+    steps: int = 1000  # length of the request's own timestep sequence, 1..T
+    eta: float = 0.0  # DDIM stochasticity η in [0, 1]; ignored by ddpm
+    timeout_s: float | None = None  # deadline relative to submission; None = engine default
+    preview_every: int = 0  # emit a predicted-x_0 preview every k steps (0 = progress only)
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    step: int  # steps finished by every row of the request, 1..total
+    total: int  # the request's step count
+    preview: torch.Tensor | None = None  # predicted x_0, (N, C, H, W) in [-1, 1], every k steps
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    images: torch.Tensor  # (N, C, H, W) float32 in [-1, 1], on the CPU
+    seed: int
+    sampler: SamplerName
+    steps: int
+    eta: float
+    queue_seconds: float = 0.0  # submission → first step
+    total_seconds: float = 0.0  # submission → completion
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    sha256: str
+    channels: int
+    image_size: int
+    num_train_timesteps: int
+    beta_schedule: str
+    variance_type: VarianceType
+    clip_sample: bool
+    device: str
+    dtype: str
+    schedule: NoiseSchedule = field(repr=False)
+
+
+class RequestHandle(Protocol):
+    """A submitted request."""
+
+    id: str
+    seed: int
+
+    async def result(self) -> GenerationResult:
+        """The images; raises RequestTimeoutError, RequestCancelledError or EngineError."""
+        ...
+
+    def events(self) -> AsyncIterator[ProgressEvent]:
+        """Progress events in order; ends when the request finishes (then call ``result``)."""
+        ...
+
+    def cancel(self) -> None:
+        """Drop the request's rows at the next iteration (idempotent)."""
+        ...
+
+
+class EngineClient(Protocol):
+    """What the HTTP layer may do with the engine."""
+
+    @property
+    def model_info(self) -> ModelInfo: ...
+
+    @property
+    def ready(self) -> bool:
+        """True once the model is loaded and warm and the engine admits work (false while draining)."""
+        ...
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queue a request; raises QueueFullError at once when full, EngineNotReadyError when draining."""
+        ...
+
+    async def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """One UNet forward ε_θ(x_t, t) on the engine's worker, x_t (B, C, H, W), t (B,); float32 CPU result."""
+        ...
+
+    def stats(self) -> dict[str, float]:
+        """Queue depth (requests, rows), active rows, iterations, evicted rows, etc."""
+        ...

@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny random-weight models that every layer's tests can build in milliseconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.diffusion.checkpoint import DiffusionModel, ModelSpec, load_model, save_model
+from service.diffusion.unet import UNet, UNetConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_unet_config(size: int = 8, channels: int = 1) -> UNetConfig:
+    """A 2-level UNet with attention at the lower level; a forward takes about a millisecond."""
+    return UNetConfig(
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(8, 16),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=4,
+    )
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path) -> Path:
+    """A model-store entry with random weights (T = 1000, 8×8 grey images)."""
+    torch.manual_seed(0)
+    spec = ModelSpec(name="tiny", unet=tiny_unet_config())
+    return save_model(spec, UNet(spec.unet), tmp_path / "tiny")
+
+
+@pytest.fixture
+def tiny_model(tiny_model_dir: Path) -> DiffusionModel:
+    return load_model(tiny_model_dir)

@@ -1,0 +1,29 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.diffusion.checkpoint import CheckpointError, load_model
+
+
+def test_roundtrip_keeps_weights_and_spec(tiny_model_dir: Path) -> None:
+    model = load_model(tiny_model_dir)
+    assert model.spec.name == "tiny"
+    assert model.spec.beta_end == 0.02
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    assert cfg["weights"]["sha256"] == model.sha256
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([0, 999])
+    assert model.unet(x, t).shape == (2, 1, 8, 8)
+
+
+def test_tampered_weights_are_refused_with_both_hashes(tiny_model_dir: Path) -> None:
+    weights = tiny_model_dir / "model.safetensors"
+    expected = json.loads((tiny_model_dir / "config.json").read_text())["weights"]["sha256"]
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as err:
+        load_model(tiny_model_dir)
+    msg = str(err.value)
+    assert str(weights) in msg and expected in msg and "sha256 mismatch" in msg
