@@ -1,0 +1,142 @@
+"""The FastAPI application: ``create_app(settings)`` and its lifespan (load, warm up, serve, drain).
+
+The lifespan loads the checkpoint synchronously (a bad path or sha256 mismatch fails startup at
+once), then warms the engine up in the background so that ``/healthz`` answers and ``/readyz`` says
+503 until the model is warm. Shutdown drains the engine: new work is refused (503) and requests in
+flight finish. Routes reach the engine only through ``app.state.engine`` (an ``EngineClient``).
+Each app has its own Prometheus registry, so tests may build many apps in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CollectorRegistry
+
+from service.api.errors import install_error_handlers
+from service.api.middleware import BodyLimitMiddleware, HttpMetricsMiddleware
+from service.api.routes import denoise, generate, health, noise
+from service.config import Settings
+from service.metrics import EngineMetrics, HttpMetrics
+
+__all__ = ["WEB_DIR", "begin_drain", "create_app"]
+
+log = logging.getLogger("service.api")
+
+WEB_DIR = Path(__file__).resolve().parents[1] / "web"
+
+DESCRIPTION = """
+Denoising diffusion (DDPM, Ho et al. 2020) inference with step-level continuous batching.
+
+**Timesteps are 0-based, `t ∈ 0..T-1`, as in diffusers.** `t = 0` is one step of noise (the paper's
+1-based step 1) and `t = T-1` is pure noise. `GET /v1/model` reports T.
+
+**Errors** are JSON `{"detail": "..."}`; 422 adds `errors` (one entry per field). 422: invalid
+field, base64, `.npy`, shape, dtype, NaN/Inf; 413: body over `DDPM_MAX_UPLOAD_BYTES`; 415: media
+type; 400: undecodable image; 429 + `Retry-After`: queue full; 503: not ready or draining; 504:
+deadline passed. A client that disconnects cancels its request.
+"""
+
+TAGS = [
+    {"name": "generate", "description": "Sample images (DDPM ancestral or DDIM)"},
+    {"name": "noise", "description": "The forward process q(x_t | x_0)"},
+    {"name": "denoise", "description": "One reverse step with every intermediate"},
+    {"name": "operations", "description": "Health, readiness, model info, metrics"},
+]
+
+
+async def _start_engine(app: FastAPI, model: object, settings: Settings) -> None:
+    from service.engine.batcher import Engine, EngineSettings
+
+    engine = Engine(
+        model,  # type: ignore[arg-type]
+        EngineSettings(
+            max_batch_rows=settings.max_batch_rows,
+            max_queue_rows=max(settings.max_queue_rows, settings.max_batch_rows),
+            request_timeout_s=settings.request_timeout_s,
+            batching=settings.batching,
+            dtype=settings.dtype,
+            threads=settings.threads,
+        ),
+        metrics=app.state.engine_metrics,
+    )
+    await engine.start()  # warm-up forwards on the worker thread
+    app.state.engine = engine
+    log.info("ready: model %s (sha256 %s) on %s, %s", engine.model_info.name, engine.model_info.sha256[:12],
+             engine.model_info.device, engine.model_info.dtype)
+
+
+async def begin_drain(app: FastAPI) -> None:
+    """Refuse new work (``/readyz`` 503 "draining"), let in-flight requests finish, stop the engine."""
+    app.state.draining = True
+    starting: asyncio.Task | None = getattr(app.state, "starting", None)
+    if starting is not None and not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await starting
+    engine = getattr(app.state, "engine", None)
+    if engine is not None:
+        await engine.drain(app.state.settings.drain_timeout_s)
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    from service.api.routes.noise import load_examples
+    from service.diffusion.checkpoint import load_model
+
+    settings: Settings = app.state.settings
+    device = settings.resolved_device()
+    model = await asyncio.to_thread(load_model, settings.model, device)  # sha256 verified
+    spec = model.spec
+    app.state.examples = load_examples(
+        settings.resolved_examples_dir(), spec.channels, spec.image_size, settings.max_image_pixels
+    )
+    log.info("loaded %s from %s on %s; %d example images", spec.name, settings.model, device, len(app.state.examples))
+
+    def _started(task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("engine failed to start: %r", task.exception())
+            on_fatal = getattr(app.state, "on_fatal", None)
+            if on_fatal is not None:
+                on_fatal()
+
+    app.state.starting = asyncio.create_task(_start_engine(app, model, settings))
+    app.state.starting.add_done_callback(_started)
+    try:
+        yield
+    finally:
+        await begin_drain(app)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """A new app (own metrics registry); the model loads when the lifespan starts."""
+    settings = settings or Settings()
+    app = FastAPI(
+        title="DDPM inference service",
+        version="0.1.0",
+        description=DESCRIPTION,
+        openapi_tags=TAGS,
+        lifespan=lifespan,
+    )
+    registry = CollectorRegistry()
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.engine_metrics = EngineMetrics(registry)
+    app.state.engine = None
+    app.state.draining = False
+    app.state.examples = {}
+    app.state.max_images = min(settings.max_images_per_request, settings.max_batch_rows)
+    install_error_handlers(app)
+    for module in (generate, noise, denoise, health):
+        app.include_router(module.router)
+    if WEB_DIR.is_dir():  # the web page, after the API routes so they take precedence
+        app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(HttpMetricsMiddleware, metrics=HttpMetrics(registry))
+    return app

@@ -1,0 +1,126 @@
+"""Error responses: one JSON shape (``{"detail": str, "errors"?: [...]}``) and the status of each failure.
+
+=======================================  ======  =============================================
+failure                                   status  notes
+=======================================  ======  =============================================
+invalid field / array / base64 / NaN     422     readable ``detail`` + per-field ``errors``
+body over ``DDPM_MAX_UPLOAD_BYTES``      413
+unsupported ``Content-Type``             415
+undecodable or oversized image           400     pixel limit checked before decoding
+queue full                               429     ``Retry-After`` header (seconds)
+engine not ready / draining              503     ``Retry-After`` header
+deadline passed                          504
+=======================================  ======  =============================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.api.encoding import InputError
+from service.api.schemas import ErrorResponse
+from service.engine.client import (
+    EngineError,
+    EngineNotReadyError,
+    QueueFullError,
+    RequestCancelledError,
+    RequestTimeoutError,
+)
+
+__all__ = [
+    "CLIENT_CLOSED_REQUEST",
+    "engine_error_status",
+    "error_responses",
+    "install_error_handlers",
+    "invalid",
+    "to_http_exception",
+]
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's code for "the client went away"; never seen by that client
+
+_DESCRIPTIONS = {
+    400: "Undecodable or oversized image",
+    413: "Request body larger than DDPM_MAX_UPLOAD_BYTES",
+    415: "Unsupported media type",
+    422: "Invalid input (readable message in `detail`, one entry per field in `errors`)",
+    429: "Queue full; retry after the `Retry-After` seconds",
+    503: "Model not loaded/warm yet, or draining for shutdown",
+    504: "Request deadline (DDPM_REQUEST_TIMEOUT_S) passed",
+}
+_RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries for the given error statuses."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        entry: dict[str, Any] = {"model": ErrorResponse, "description": _DESCRIPTIONS[code]}
+        if code in (429, 503):
+            entry["headers"] = _RETRY_AFTER
+        out[code] = entry
+    return out
+
+
+def invalid(field: str, message: str, where: str = "body") -> RequestValidationError:
+    """A 422 for one field (``where``: body or query), shaped like pydantic's own validation errors."""
+    return RequestValidationError([{"loc": (where, field), "msg": message, "type": "value_error"}])
+
+
+def _loc(loc: Sequence[Any]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+def _summary(errors: Sequence[dict[str, Any]]) -> str:
+    return "; ".join(f"{_loc(e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors)
+
+
+def engine_error_status(exc: EngineError) -> tuple[int, str, dict[str, str]]:
+    """(status, detail, headers) for an engine failure."""
+    if isinstance(exc, QueueFullError):
+        return 429, str(exc), {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+    if isinstance(exc, EngineNotReadyError):
+        return 503, str(exc) or "engine not ready", {"Retry-After": "5"}
+    if isinstance(exc, RequestTimeoutError):
+        return 504, str(exc) or "request deadline passed", {}
+    if isinstance(exc, RequestCancelledError):
+        return CLIENT_CLOSED_REQUEST, str(exc) or "request cancelled", {}
+    return 500, f"engine error: {exc}", {}
+
+
+def to_http_exception(exc: EngineError) -> HTTPException:
+    status, detail, headers = engine_error_status(exc)
+    return HTTPException(status, detail, headers=headers or None)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error body is ``{"detail": str}``; validation errors add ``errors`` without echoing inputs."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": _summary(exc.errors()), "errors": errors}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(InputError)
+    async def _input(_: Request, exc: InputError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(EngineError)
+    async def _engine(_: Request, exc: EngineError) -> JSONResponse:
+        status, detail, headers = engine_error_status(exc)
+        return JSONResponse({"detail": detail}, status_code=status, headers=headers)

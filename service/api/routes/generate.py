@@ -1,0 +1,171 @@
+"""``POST /generate`` (PNG | JSON | npy) and ``POST /generate/stream`` (Server-Sent Events)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
+
+from service.api.deps import ClientDisconnected, EngineDep, SettingsDep, await_unless_disconnected, submit
+from service.api.encoding import b64_png
+from service.api.errors import CLIENT_CLOSED_REQUEST, engine_error_status, error_responses, invalid
+from service.api.schemas import GenerateRequest, GenerateResponse, ProgressData, StreamErrorData
+from service.config import Settings
+from service.engine.client import EngineClient, EngineError, GenerationRequest, GenerationResult, ProgressEvent
+from service.imaging import grid, npy_bytes, png_bytes
+
+__all__ = ["generation_request", "result_payload", "router"]
+
+router = APIRouter(tags=["generate"])
+
+_SEED_HEADER = {"X-Seed": {"description": "the seed used (reproduces the images)", "schema": {"type": "integer"}}}
+_GENERATE_200 = {
+    "description": "png: one image, or a grid when num_images > 1; json: base64 PNGs; npy: float32 (N, C, H, W)",
+    "headers": _SEED_HEADER,
+    "content": {
+        "image/png": {"schema": {"type": "string", "format": "binary"}},
+        "application/json": {"schema": {"$ref": "#/components/schemas/GenerateResponse"}},
+        "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+_STREAM_200 = {
+    "description": (
+        "Server-Sent Events: `progress` events (data: ProgressData JSON — step, total and, every k steps, a base64 "
+        "PNG preview of the predicted x_0), then one `result` event (data: GenerateResponse JSON) or one `error` "
+        "event (data: StreamErrorData JSON, e.g. status 504 when the deadline passed)."
+    ),
+    "headers": _SEED_HEADER,
+    "content": {
+        "text/event-stream": {
+            "schema": {"type": "string"},
+            "example": 'event: progress\ndata: {"step": 1, "total": 50, "preview": null}\n\n'
+            'event: result\ndata: {"seed": 42, "sampler": "ddim", "steps": 50, ...}\n\n',
+        }
+    },
+}
+_ERRORS = error_responses(422, 429, 503, 504)
+
+
+def generation_request(body: GenerateRequest, engine: EngineClient, settings: Settings) -> GenerationRequest:
+    """Validate the body against the model and settings (422 with a readable message) and fill defaults."""
+    big_t = engine.model_info.num_train_timesteps
+    limit = min(settings.max_images_per_request, settings.max_batch_rows)
+    if body.num_images > limit:
+        raise invalid(
+            "num_images", f"must be in 1..{limit} (DDPM_MAX_IMAGES_PER_REQUEST, at most DDPM_MAX_BATCH_ROWS), "
+            f"got {body.num_images}"
+        )
+    steps = body.steps if body.steps is not None else (big_t if body.sampler == "ddpm" else min(50, big_t))
+    if steps > big_t:
+        raise invalid("steps", f"must be in 1..{big_t} (T of this model), got {steps}")
+    seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
+    every = settings.preview_every or max(1, steps // 10)
+    return GenerationRequest(
+        num_images=body.num_images,
+        seed=seed,
+        sampler=body.sampler,
+        steps=steps,
+        eta=body.eta if body.sampler == "ddim" else 0.0,
+        timeout_s=settings.request_timeout_s,
+        preview_every=every,
+    )
+
+
+def result_payload(result: GenerationResult) -> dict:
+    return GenerateResponse(
+        seed=result.seed,
+        sampler=result.sampler,
+        steps=result.steps,
+        eta=result.eta,
+        images=[b64_png(img) for img in result.images],
+        shape=list(result.images.shape),
+        queue_seconds=result.queue_seconds,
+        total_seconds=result.total_seconds,
+    ).model_dump()
+
+
+@router.post(
+    "/generate",
+    summary="Generate images",
+    response_class=Response,
+    responses={200: _GENERATE_200, **_ERRORS},
+)
+async def generate(body: GenerateRequest, request: Request, engine: EngineDep, settings: SettingsDep) -> Response:
+    """Sample `num_images` images with DDPM (Ho et al. 2020, Algorithm 2) or DDIM (Song et al. 2021).
+
+    The request joins the engine's running batch at its next iteration. The same `seed`, `sampler`,
+    `steps` and `eta` always give the same images. A client that disconnects cancels its request.
+    """
+    greq = generation_request(body, engine, settings)
+    handle = submit(engine, greq)
+    try:
+        result = await await_unless_disconnected(request, handle.result())
+    except ClientDisconnected:
+        handle.cancel()
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    except EngineError as exc:
+        status, detail, headers = engine_error_status(exc)
+        return Response(json.dumps({"detail": detail}), status, headers, media_type="application/json")
+    headers = {"X-Seed": str(result.seed)}
+    if body.format == "png":
+        image = result.images[0] if result.images.shape[0] == 1 else grid(result.images)
+        return Response(png_bytes(image), media_type="image/png", headers=headers)
+    if body.format == "npy":
+        headers["Content-Disposition"] = f'attachment; filename="ddpm-{result.seed}.npy"'
+        return Response(npy_bytes(result.images), media_type="application/x-npy", headers=headers)
+    return Response(json.dumps(result_payload(result)), media_type="application/json", headers=headers)
+
+
+def _sse(event: str, data: dict) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def _progress(event: ProgressEvent) -> dict:
+    preview = None
+    if event.preview is not None:
+        images = event.preview
+        preview = b64_png(images[0] if images.shape[0] == 1 else grid(images))
+    return ProgressData(step=event.step, total=event.total, preview=preview).model_dump()
+
+
+@router.post(
+    "/generate/stream",
+    summary="Generate images with progress (Server-Sent Events)",
+    response_class=StreamingResponse,
+    responses={200: _STREAM_200, **_ERRORS},
+)
+async def generate_stream(
+    body: GenerateRequest, request: Request, engine: EngineDep, settings: SettingsDep
+) -> StreamingResponse:
+    """Same body as `POST /generate` (`format` is ignored: the result event always carries base64 PNGs).
+
+    Errors found before sampling starts (422, 429, 503) are plain HTTP errors; later ones (504) arrive
+    as an `error` event. Previews come every `DDPM_PREVIEW_EVERY` steps (default: about 10 per request).
+    Closing the connection cancels the request.
+    """
+    greq = generation_request(body, engine, settings)
+    handle = submit(engine, greq)
+
+    async def events() -> AsyncIterator[bytes]:
+        finished = False
+        try:
+            async for event in handle.events():
+                yield _sse("progress", _progress(event))
+            try:
+                result = await handle.result()
+            except EngineError as exc:
+                status, detail, _ = engine_error_status(exc)
+                finished = True
+                yield _sse("error", StreamErrorData(status=status, detail=detail).model_dump())
+                return
+            finished = True
+            yield _sse("result", result_payload(result))
+        finally:
+            if not finished:  # the client went away (the response task was cancelled) or sending failed
+                handle.cancel()
+
+    headers = {"X-Seed": str(greq.seed), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(events(), media_type="text/event-stream", headers=headers)

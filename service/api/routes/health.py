@@ -1,0 +1,81 @@
+"""Liveness, readiness, model description and Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.api.errors import error_responses
+from service.api.schemas import HealthResponse, ModelResponse, ScheduleInfo
+from service.engine.client import EngineClient
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", summary="Liveness", response_model=HealthResponse)
+async def healthz() -> HealthResponse:
+    """200 while the process serves HTTP (also while the model loads and while draining)."""
+    return HealthResponse(status="ok")
+
+
+@router.get(
+    "/readyz",
+    summary="Readiness",
+    response_model=HealthResponse,
+    responses={503: {"model": HealthResponse, "description": "model not loaded/warm yet, or draining"}},
+)
+async def readyz(request: Request) -> JSONResponse:
+    """200 once the model is loaded and warm and the engine admits work; 503 before that and while draining."""
+    engine: EngineClient | None = getattr(request.app.state, "engine", None)
+    if engine is not None and engine.ready:
+        return JSONResponse({"status": "ready"})
+    status = "draining" if getattr(request.app.state, "draining", False) else "not ready"
+    return JSONResponse({"status": status}, status_code=503)
+
+
+@router.get("/v1/model", summary="The served model", response_model=ModelResponse, responses=error_responses(503))
+async def model(request: Request) -> ModelResponse:
+    """Name, sha256 of the weights, image shape, T, noise schedule, variance type, device, dtype, samplers."""
+    engine: EngineClient | None = getattr(request.app.state, "engine", None)
+    if engine is None:
+        raise HTTPException(503, "not ready: the model is loading", headers={"Retry-After": "5"})
+    info = engine.model_info
+    big_t = info.num_train_timesteps
+    betas = info.schedule.betas
+    return ModelResponse(
+        name=info.name,
+        sha256=info.sha256,
+        image_shape=[info.channels, info.image_size, info.image_size],
+        num_train_timesteps=big_t,
+        schedule=ScheduleInfo(
+            beta_schedule=info.beta_schedule,
+            num_train_timesteps=big_t,
+            beta_start=float(betas[0]),
+            beta_end=float(betas[-1]),
+        ),
+        variance_type=info.variance_type,
+        clip_sample=info.clip_sample,
+        device=info.device,
+        dtype=info.dtype,
+        samplers=["ddpm", "ddim"],
+        default_steps={"ddpm": big_t, "ddim": min(50, big_t)},
+        max_images_per_request=request.app.state.max_images,
+        examples=list(getattr(request.app.state, "examples", {})),
+    )
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {
+        "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}
+    }},
+)
+async def metrics(request: Request) -> Response:
+    """Engine metrics (queue depth, active rows, batch fill, step time, time to first step, request latency,
+    evictions, outcomes) and HTTP metrics (requests and latency by route template, method and status)."""
+    return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)

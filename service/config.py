@@ -1,0 +1,53 @@
+"""Service settings, read from ``DDPM_*`` environment variables (pydantic-settings).
+
+Every field maps to ``DDPM_<FIELD>`` (case-insensitive), e.g. ``DDPM_MAX_BATCH_ROWS=32``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+class Settings(BaseSettings):
+    """Configuration of one service process; ``Settings()`` reads the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="DDPM_", extra="ignore", protected_namespaces=())
+
+    # model
+    model: str = Field("model_store/mnist", description="model-store entry or diffusers UNet2DModel folder")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available, else CPU")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="UNet compute dtype")
+    examples_dir: str | None = Field(None, description="example PNGs for GET /noise; default <model>/examples")
+    # server
+    host: str = Field("127.0.0.1", description="bind address (0.0.0.0 in containers)")
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    drain_timeout_s: float = Field(60.0, gt=0, description="SIGTERM: how long in-flight requests may run")
+    # engine
+    max_batch_rows: int = Field(64, ge=1, description="rows (images) per UNet forward")
+    max_queue_rows: int = Field(512, ge=1, description="rows admitted (queued + running); beyond → 429")
+    request_timeout_s: float = Field(300.0, gt=0, description="deadline per request; past it → 504")
+    batching: Literal["step", "request"] = Field("step", description="step-level continuous or per-request")
+    threads: int = Field(0, ge=0, description="torch intra-op threads (0 = torch default)")
+    # requests
+    max_images_per_request: int = Field(16, ge=1, description="upper bound of num_images")
+    max_upload_bytes: int = Field(5 * 1024 * 1024, ge=1, description="request bodies above this → 413")
+    max_image_pixels: int = Field(4096 * 4096, ge=1, description="uploaded images above this many pixels → 400")
+    preview_every: int = Field(0, ge=0, description="SSE preview every k steps; 0 = about 10 per request")
+
+    def resolved_device(self) -> str:
+        """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_examples_dir(self) -> Path:
+        return Path(self.examples_dir) if self.examples_dir else Path(self.model) / "examples"
