@@ -95,6 +95,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from service.api.server import serve
+    from service.config import Settings
+
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port), ("model", args.model)) if v is not None}
+    return serve(Settings(**overrides))
+
+
 def cmd_import(args: argparse.Namespace) -> int:
     from service.diffusion.checkpoint import import_diffusers
 
@@ -153,6 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("dst")
     i.add_argument("--name", default=None)
     i.set_defaults(func=cmd_import)
+
+    v = sub.add_parser("serve", help="run the HTTP API (settings from DDPM_* environment variables)")
+    v.add_argument("--host", default=None, help="overrides DDPM_HOST (default 127.0.0.1)")
+    v.add_argument("--port", type=int, default=None, help="overrides DDPM_PORT (default 8000)")
+    v.add_argument("--model", default=None, help="overrides DDPM_MODEL (default model_store/mnist)")
+    v.set_defaults(func=cmd_serve)
     return p
 
 
