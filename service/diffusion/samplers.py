@@ -71,8 +71,32 @@ def make_noise(
     return torch.stack(rows).to(device)
 
 
-def _abar(schedule: NoiseSchedule, t: torch.Tensor, ndim: int) -> torch.Tensor:
-    return schedule.alpha_bar(t).reshape(-1, *([1] * (ndim - 1)))
+@dataclass(frozen=True)
+class _StepAlphas:
+    """Per-row ᾱ_t, ᾱ_{t_prev}, 1-ᾱ_t, 1-ᾱ_{t_prev} and β'_t = 1 - ᾱ_t/ᾱ_{t_prev}, float64, shape (B, 1, …, 1).
+
+    All five come from log ᾱ_t = Σ_{s≤t} log(1 - β_s) (float64): 1-ᾱ = -expm1(log ᾱ) and
+    β'_t = -expm1(log ᾱ_t - log ᾱ_{t_prev}). Forming 1 - ᾱ or 1 - ᾱ_t/ᾱ_{t_prev} from float32 ᾱ
+    instead loses three to four significant digits near t = 0, where ᾱ ≈ 1.
+    """
+
+    abar_t: torch.Tensor
+    abar_prev: torch.Tensor
+    one_minus_t: torch.Tensor
+    one_minus_prev: torch.Tensor
+    beta_t: torch.Tensor
+
+
+def _step_alphas(schedule: NoiseSchedule, t: torch.Tensor, t_prev: torch.Tensor, ndim: int) -> _StepAlphas:
+    shape = (-1, *([1] * (ndim - 1)))
+    log_abar = torch.cumsum(torch.log1p(-schedule.betas.to(t.device, torch.float64)), dim=0)
+
+    def log_abar_at(s: torch.Tensor) -> torch.Tensor:  # log ᾱ_s per row, 0 for clean data (s = -1)
+        s = s.long()
+        return torch.where(s >= 0, log_abar[s.clamp(min=0)], torch.zeros_like(log_abar[:1])).reshape(shape)
+
+    lt, lp = log_abar_at(t), log_abar_at(t_prev)
+    return _StepAlphas(lt.exp(), lp.exp(), -torch.expm1(lt), -torch.expm1(lp), -torch.expm1(lt - lp))
 
 
 def ddpm_step(
@@ -85,31 +109,32 @@ def ddpm_step(
     variance_type: VarianceType = "fixed_small",
     clip_sample: bool = True,
 ) -> StepOutput:
-    """One ancestral step x_t → x_{t_prev} (Algorithm 2, line 4), with respaced betas."""
-    nd = x_t.ndim
-    # 1. alphas of this (possibly respaced) step: β'_t = 1 - ᾱ_t / ᾱ_{t_prev}
-    abar_t = _abar(schedule, t, nd)
-    abar_prev = _abar(schedule, t_prev, nd)
-    beta_t = 1.0 - abar_t / abar_prev
+    """One ancestral step x_t → x_{t_prev} (Algorithm 2, line 4), with respaced betas.
+
+    Coefficients are formed per row in float64 and applied in ``x_t``'s dtype.
+    """
+    a = _step_alphas(schedule, t, t_prev, x_t.ndim)
+    dt = x_t.dtype
+    # 1. alphas of this (possibly respaced) step: β'_t = 1 - ᾱ_t / ᾱ_{t_prev} (see _StepAlphas)
     # 2. predict x_0 from ε — eq. (4) solved for x_0; optionally clip to the data range
-    pred_x0 = (x_t - (1.0 - abar_t).sqrt() * eps) / abar_t.sqrt()
+    pred_x0 = (x_t - a.one_minus_t.sqrt().to(dt) * eps) / a.abar_t.sqrt().to(dt)
     if clip_sample:
         pred_x0 = pred_x0.clamp(-1.0, 1.0)
-    # 3. posterior mean μ̃(x_t, x̂_0) — eq. (7)
-    coef_x0 = abar_prev.sqrt() * beta_t / (1.0 - abar_t)
-    coef_xt = (1.0 - beta_t).sqrt() * (1.0 - abar_prev) / (1.0 - abar_t)
-    mean = coef_x0 * pred_x0 + coef_xt * x_t
+    # 3. posterior mean μ̃(x_t, x̂_0) — eq. (7), with √(1 - β'_t) = √(ᾱ_t / ᾱ_{t_prev})
+    coef_x0 = a.abar_prev.sqrt() * a.beta_t / a.one_minus_t
+    coef_xt = (a.abar_t / a.abar_prev).sqrt() * a.one_minus_prev / a.one_minus_t
+    mean = coef_x0.to(dt) * pred_x0 + coef_xt.to(dt) * x_t
     # 4. add σ_t z with σ_t² = β̃_t (fixed_small) or β_t (fixed_large); none into clean data
     if variance_type == "fixed_small":
-        var = beta_t * (1.0 - abar_prev) / (1.0 - abar_t)
+        var = a.beta_t * a.one_minus_prev / a.one_minus_t
     elif variance_type == "fixed_large":
-        var = beta_t
+        var = a.beta_t
     else:
         raise ValueError(f"unknown variance type {variance_type!r}")
     prev = mean
     if noise is not None:
-        has_noise = (t_prev >= 0).reshape(var.shape).to(var.dtype)
-        prev = mean + has_noise * var.clamp(min=0).sqrt() * noise
+        sigma = torch.where(t_prev.reshape(var.shape) >= 0, var.clamp(min=0).sqrt(), torch.zeros_like(var))
+        prev = mean + sigma.to(dt) * noise
     return StepOutput(prev, pred_x0)
 
 
@@ -123,22 +148,24 @@ def ddim_step(
     noise: torch.Tensor | None,
     clip_sample: bool = True,
 ) -> StepOutput:
-    """One DDIM step (Song et al. 2021, eq. 12); ``eta`` may be a per-row tensor of shape (B,)."""
-    nd = x_t.ndim
+    """One DDIM step (Song et al. 2021, eq. 12); ``eta`` may be a per-row tensor of shape (B,).
+
+    Coefficients are formed per row in float64 and applied in ``x_t``'s dtype.
+    """
+    nd, dt = x_t.ndim, x_t.dtype
     # 1. alphas
-    abar_t = _abar(schedule, t, nd)
-    abar_prev = _abar(schedule, t_prev, nd)
-    eta = torch.as_tensor(eta, dtype=x_t.dtype, device=x_t.device).reshape(-1, *([1] * (nd - 1)))
+    a = _step_alphas(schedule, t, t_prev, nd)
+    eta = torch.as_tensor(eta, dtype=torch.float64, device=x_t.device).reshape(-1, *([1] * (nd - 1)))
     # 2. predicted x_0 — "predicted x_0" term of eq. (12)
-    pred_x0 = (x_t - (1.0 - abar_t).sqrt() * eps) / abar_t.sqrt()
+    pred_x0 = (x_t - a.one_minus_t.sqrt().to(dt) * eps) / a.abar_t.sqrt().to(dt)
     if clip_sample:
         pred_x0 = pred_x0.clamp(-1.0, 1.0)
-    # 3. σ_t(η) — eq. (16)
-    var = (1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev)
+    # 3. σ_t(η) — eq. (16): σ² = η² (1 - ᾱ_{t_prev}) / (1 - ᾱ_t) · (1 - ᾱ_t / ᾱ_{t_prev})
+    var = a.one_minus_prev / a.one_minus_t * a.beta_t
     sigma = eta * var.clamp(min=0).sqrt()
     # 4. "direction pointing to x_t" and the random term of eq. (12)
-    direction = (1.0 - abar_prev - sigma**2).clamp(min=0).sqrt() * eps
-    prev = abar_prev.sqrt() * pred_x0 + direction
+    direction = (a.one_minus_prev - sigma**2).clamp(min=0).sqrt()
+    prev = a.abar_prev.sqrt().to(dt) * pred_x0 + direction.to(dt) * eps
     if noise is not None:
-        prev = prev + sigma * noise
+        prev = prev + sigma.to(dt) * noise
     return StepOutput(prev, pred_x0)
