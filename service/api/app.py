@@ -16,11 +16,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
+from starlette.types import Receive, Scope, Send
 
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodyLimitMiddleware, HttpMetricsMiddleware
+from service.api.openapi import install_openapi
 from service.api.routes import denoise, generate, health, noise
 from service.config import Settings
 from service.metrics import EngineMetrics, HttpMetrics
@@ -49,6 +52,29 @@ TAGS = [
     {"name": "denoise", "description": "One reverse step with every intermediate"},
     {"name": "operations", "description": "Health, readiness, model info, metrics"},
 ]
+
+
+class _WebFiles:
+    """The static web page, mounted at ``/`` after the API: a wrong method on an API path still gets
+    405 with that route's ``Allow`` methods (the catch-all mount would otherwise answer it)."""
+
+    def __init__(self, directory: Path, api_methods: dict[str, set[str]]) -> None:
+        self.static = StaticFiles(directory=directory, html=True)
+        self.api_methods = api_methods
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        methods = self.api_methods.get(scope.get("path", ""))
+        if scope["type"] == "http" and methods:
+            body = b'{"detail":"Method Not Allowed"}'
+            headers = [
+                (b"allow", ", ".join(sorted(methods)).encode()),
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ]
+            await send({"type": "http.response.start", "status": 405, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.static(scope, receive, send)
 
 
 async def _start_engine(app: FastAPI, model: object, settings: Settings) -> None:
@@ -136,7 +162,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (generate, noise, denoise, health):
         app.include_router(module.router)
     if WEB_DIR.is_dir():  # the web page, after the API routes so they take precedence
-        app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
+        api_methods: dict[str, set[str]] = {}
+        for route in (r for module in (generate, noise, denoise, health) for r in module.router.routes):
+            if isinstance(route, APIRoute):
+                api_methods.setdefault(route.path, set()).update(route.methods)
+        app.mount("/", _WebFiles(WEB_DIR, api_methods), name="web")
+    install_openapi(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(HttpMetricsMiddleware, metrics=HttpMetrics(registry))
     return app

@@ -45,6 +45,7 @@ __all__ = [
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's code for "the client went away"; never seen by that client
 
+_FASTAPI_BODY_ERROR = "There was an error parsing the body"
 _DESCRIPTIONS = {
     400: "Undecodable or oversized image",
     413: "Request body larger than DDPM_MAX_UPLOAD_BYTES",
@@ -114,6 +115,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 400 and detail == _FASTAPI_BODY_ERROR:  # undecodable bytes where JSON was expected
+            return JSONResponse({"detail": "request body is not valid JSON (UTF-8)"}, status_code=422)
         return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(InputError)

@@ -58,6 +58,7 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,  # no coercion: false is not 0, "5" is not 5
         json_schema_extra={
             "examples": [
                 {"num_images": 4, "seed": 42, "sampler": "ddim", "steps": 50, "format": "png"},
@@ -109,6 +110,7 @@ class DenoiseStepRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,  # no coercion: false is not 0, "5" is not 5
         json_schema_extra={
             "examples": [
                 {"x_t": _example_npy(), "t": 999, "seed": 7},

@@ -40,7 +40,15 @@ _STREAM_200 = {
     "headers": _SEED_HEADER,
     "content": {
         "text/event-stream": {
-            "schema": {"type": "string"},
+            "schema": {
+                "type": "object",
+                "description": "one event; `data` is JSON (ProgressData, GenerateResponse or StreamErrorData)",
+                "required": ["event", "data"],
+                "properties": {
+                    "event": {"type": "string", "enum": ["progress", "result", "error"]},
+                    "data": {"type": "string"},
+                },
+            },
             "example": 'event: progress\ndata: {"step": 1, "total": 50, "preview": null}\n\n'
             'event: result\ndata: {"seed": 42, "sampler": "ddim", "steps": 50, ...}\n\n',
         }

@@ -28,11 +28,12 @@ from service.diffusion.samplers import make_noise, row_generator
 from service.diffusion.schedule import NoiseSchedule
 from service.imaging import grid, npy_bytes, png_bytes
 
-__all__ = ["MAX_TS", "load_examples", "router"]
+__all__ = ["DEFAULT_T", "MAX_TS", "load_examples", "router"]
 
 router = APIRouter(tags=["noise"])
 
 MAX_TS = 64
+DEFAULT_T = 300  # when neither t nor ts is given (T-1 if the model has fewer steps)
 _INCLUDE = ("x0", "noise")
 
 _NOISE_200 = {
@@ -52,16 +53,20 @@ _NOISE_200 = {
     },
 }
 
-TQuery = Annotated[int | None, Query(ge=0, description="0-based timestep 0..T-1 (t=0: one step of noise)")]
-TsQuery = Annotated[
-    str | None,
-    Query(
-        pattern=r"^\s*\d+(\s*,\s*\d+)*\s*$",
-        max_length=1024,
-        description=f"comma-separated timesteps (at most {MAX_TS}) for a strip, e.g. `0,100,300,600,999`",
-        examples=["0,250,500,750,999"],
-    ),
+TQuery = Annotated[
+    int | None,
+    Query(ge=0, description=f"0-based timestep 0..T-1 (t=0: one step of noise); default {DEFAULT_T} if no ts"),
 ]
+TS_PARAM = {
+    "name": "ts",
+    "in": "query",
+    "required": False,
+    "style": "form",
+    "explode": False,
+    "description": f"comma-separated 0-based timesteps (at most {MAX_TS}) for a strip, e.g. `ts=0,100,300,600,999`; "
+    "instead of `t`",
+    "schema": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1, "maxItems": MAX_TS},
+}
 SeedQuery = Annotated[int | None, Query(ge=0, le=MAX_SEED, description="seed of ε; random when absent")]
 FormatQuery = Annotated[Literal["png", "npy", "json"], Query(description="response format")]
 IncludeQuery = Annotated[
@@ -87,12 +92,19 @@ def load_examples(folder: Path, channels: int, size: int, max_pixels: int) -> di
     return out
 
 
-def _timesteps(t: int | None, ts: str | None, big_t: int) -> list[int]:
-    if t is not None and ts is not None:
+def _timesteps(t: int | None, request: Request, big_t: int) -> list[int]:
+    raw = request.query_params.getlist("ts")
+    if t is not None and raw:
         raise invalid("ts", "give either t or ts, not both", "query")
-    if t is None and ts is None:
-        raise invalid("t", f"give t (0..{big_t - 1}) or ts (a comma-separated list)", "query")
-    values = [t] if t is not None else [int(v) for v in ts.split(",")]  # type: ignore[union-attr]
+    if t is None and not raw:
+        t = min(DEFAULT_T, big_t - 1)
+    if t is not None:
+        values = [t]
+    else:
+        parts = [p.strip() for v in raw for p in v.split(",")]
+        if not all(p.isdigit() and p.isascii() and len(p) <= 9 for p in parts):
+            raise invalid("ts", "must be comma-separated non-negative integers, e.g. ts=0,100,300", "query")
+        values = [int(p) for p in parts]
     if len(values) > MAX_TS:
         raise invalid("ts", f"at most {MAX_TS} timesteps, got {len(values)}", "query")
     for v in values:
@@ -153,13 +165,13 @@ def _render(
     "/noise",
     summary="Forward process on an example image",
     response_class=Response,
+    openapi_extra={"parameters": [TS_PARAM]},
     responses={200: _NOISE_200, 404: {"description": "unknown example image, or none shipped"}, **error_responses(422)},
 )
 async def noise_example(
     engine: EngineDep,
     request: Request,
     t: TQuery = None,
-    ts: TsQuery = None,
     image: Annotated[str | None, Query(max_length=128, description="example name (GET /noise/examples)")] = None,
     seed: SeedQuery = None,
     format: FormatQuery = "png",
@@ -179,7 +191,7 @@ async def noise_example(
     if name not in examples:
         raise HTTPException(404, f"unknown example image {name!r}; available: {', '.join(examples)}")
     info = engine.model_info
-    steps = _timesteps(t, ts, info.num_train_timesteps)
+    steps = _timesteps(t, request, info.num_train_timesteps)
     return _render(name, examples[name], info.schedule, steps, seed, format, include, scale)
 
 
@@ -210,7 +222,7 @@ _UPLOAD_BODY = {
     "/noise",
     summary="Forward process on an uploaded image",
     response_class=Response,
-    openapi_extra={"requestBody": _UPLOAD_BODY},
+    openapi_extra={"requestBody": _UPLOAD_BODY, "parameters": [TS_PARAM]},
     responses={200: _NOISE_200, **error_responses(400, 413, 415, 422)},
 )
 async def noise_upload(
@@ -218,7 +230,6 @@ async def noise_upload(
     settings: SettingsDep,
     request: Request,
     t: TQuery = None,
-    ts: TsQuery = None,
     seed: SeedQuery = None,
     format: FormatQuery = "png",
     include: IncludeQuery = None,
@@ -231,7 +242,7 @@ async def noise_upload(
     than `DDPM_MAX_IMAGE_PIXELS` pixels 400 (checked from the header, before decoding).
     """
     info = engine.model_info
-    steps = _timesteps(t, ts, info.num_train_timesteps)
+    steps = _timesteps(t, request, info.num_train_timesteps)
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media and media not in IMAGE_MEDIA_TYPES and media != "application/octet-stream":
         raise HTTPException(
