@@ -69,6 +69,8 @@ class UNetConfig:
             "upsample_type": "conv",
             "attn_norm_num_groups": None,
             "add_attention": True,
+            "mid_block_type": "UNetMidBlock2D",
+            "time_embedding_dim": None,
         }
         for key, expected in unsupported.items():
             if key in d and d[key] != expected:
