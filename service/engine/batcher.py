@@ -1,0 +1,505 @@
+"""The inference engine: an asyncio-facing queue in front of a step-level continuous-batching loop.
+
+A request becomes ``num_images`` rows (:class:`~service.engine.step.RowGroup`). A dedicated worker
+thread owns the model and loops; each iteration it
+
+1. drops the rows of cancelled and expired requests (queued or running),
+2. admits queued requests, oldest first, while their rows fit in ``max_batch_rows`` (strict FIFO, so a
+   large request at the head is never starved by smaller ones behind it),
+3. runs ONE UNet forward over all running rows — each at its own t, of its own sampler and step count —
+   and the per-row sampler updates (:func:`~service.engine.step.batched_step`),
+4. posts progress events and retires finished requests, resolving their futures on the submitting event
+   loop with ``loop.call_soon_threadsafe``.
+
+``batching="request"`` is the request-level baseline: requests are admitted only when the running batch
+is empty, so a request that arrives just after a batch started waits for the whole batch's loop.
+
+Threads. The worker is the only thread that runs torch; the event loop thread only queues requests,
+encodes responses and serves HTTP. ``EngineSettings.threads`` sets the worker's intra-op thread count
+(``torch.set_num_threads`` is per-thread under OpenMP, so it is applied inside the worker); 0 means the
+value ``torch.get_num_threads()`` has where the engine is built, i.e. one thread per physical core. All
+cores go to the UNet because it is the bottleneck: torch releases the GIL inside every op, the event
+loop needs well under a core (its work is microseconds per request between forwards), and giving it a
+reserved core would halve throughput on a 2-core machine. ``bench/load.py`` reports the event-loop lag
+measured under load with this choice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from prometheus_client import CollectorRegistry
+
+from service.diffusion.checkpoint import DiffusionModel
+from service.diffusion.pipeline import predict_eps, prepare_unet
+from service.engine.client import (
+    EngineError,
+    EngineNotReadyError,
+    GenerationRequest,
+    GenerationResult,
+    ModelInfo,
+    ProgressEvent,
+    QueueFullError,
+    RequestCancelledError,
+    RequestTimeoutError,
+)
+from service.engine.handle import Handle, post
+from service.engine.step import RowGroup, batched_step
+from service.metrics import EngineMetrics
+
+__all__ = ["DTYPES", "Engine", "EngineSettings"]
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineSettings:
+    max_batch_rows: int = 64  # rows per UNet forward; also the largest num_images of one request
+    max_queue_rows: int = 512  # bound on queued + running rows; beyond it submit raises QueueFullError
+    request_timeout_s: float = 300.0  # default deadline, from submission
+    batching: Literal["step", "request"] = "step"  # "request" = baseline request-level batching
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast; channels_last)
+    threads: int = 0  # torch intra-op threads for the worker (0 = leave torch's default)
+
+    def __post_init__(self) -> None:
+        if self.max_batch_rows < 1:
+            raise ValueError("max_batch_rows must be >= 1")
+        if self.max_queue_rows < self.max_batch_rows:
+            raise ValueError("max_queue_rows must be >= max_batch_rows")
+        if self.request_timeout_s <= 0:
+            raise ValueError("request_timeout_s must be > 0")
+        if self.batching not in ("step", "request"):
+            raise ValueError(f"batching must be 'step' or 'request', got {self.batching!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.threads < 0:
+            raise ValueError("threads must be >= 0")
+
+
+@dataclass(eq=False)
+class _Entry:
+    handle: Handle
+    group: RowGroup | None = None  # created when the request joins the running batch
+
+    @property
+    def rows(self) -> int:
+        return self.handle.request.num_images
+
+    def remaining_steps(self) -> int:
+        return self.group.remaining if self.group is not None else self.handle.request.steps
+
+
+@dataclass(eq=False)
+class _Job:
+    """A bare ε_θ(x_t, t) forward asked for through :meth:`Engine.predict_eps`."""
+
+    x: torch.Tensor
+    t: torch.Tensor
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future = field(repr=False)
+
+
+class Engine:
+    """Step-level continuous batching over one model (implements ``client.EngineClient``)."""
+
+    def __init__(self, model: DiffusionModel, settings: EngineSettings, metrics: EngineMetrics | None = None) -> None:
+        self.model = model
+        self.settings = settings
+        # Without an explicit EngineMetrics the engine keeps its metrics on a private registry (not exported).
+        self.metrics = metrics if metrics is not None else EngineMetrics(CollectorRegistry())
+        self._dtype = DTYPES[settings.dtype]
+        self._device = next(model.unet.parameters()).device
+        self._threads = settings.threads or torch.get_num_threads()
+        spec = model.spec
+        self._info = ModelInfo(
+            name=spec.name,
+            sha256=model.sha256,
+            channels=spec.channels,
+            image_size=spec.image_size,
+            num_train_timesteps=spec.num_train_timesteps,
+            beta_schedule=spec.beta_schedule,
+            variance_type=spec.variance_type,
+            clip_sample=spec.clip_sample,
+            device=str(self._device),
+            dtype=settings.dtype,
+            schedule=model.schedule,
+        )
+        self.metrics.set_model(spec.name, model.sha256, str(self._device), settings.dtype)
+        self.metrics.ready.set(0)
+        self._cond = threading.Condition()  # guards everything below that both threads touch
+        self._pending: deque[_Entry] = deque()
+        self._active: list[_Entry] = []
+        self._jobs: list[_Job] = []
+        self._queued_rows = 0
+        self._active_rows = 0
+        self._accepting = False
+        self._stop = False  # finish what was accepted, then exit
+        self._abort = False  # exit at the next iteration, failing what is left
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._step_seconds = 0.0  # moving average of one iteration, for retry-after estimates
+        self._counts = dict.fromkeys(
+            ("iterations", "evicted_rows", "ok", "rejected", "cancelled", "timeout", "error", "images"), 0
+        )
+
+    # ------------------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Warm the model up on a new worker thread, start its loop, then admit work (``ready``)."""
+        if self._thread is not None:
+            raise RuntimeError("engine already started")
+        self._loop = asyncio.get_running_loop()
+        prepare_unet(self.model, self._dtype)
+        started: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._worker, args=(started,), name="ddpm-engine", daemon=True)
+        self._thread.start()
+        await asyncio.wrap_future(started)
+        with self._cond:
+            self._accepting = True
+        self.metrics.ready.set(1)
+
+    async def drain(self, timeout_s: float = 30.0) -> None:
+        """Stop admitting, finish in-flight work (failing what is left after ``timeout_s``), stop the worker."""
+        with self._cond:
+            self._accepting = False
+            self._stop = True
+            self._cond.notify_all()
+        self.metrics.ready.set(0)
+        thread = self._thread
+        if thread is None:
+            return
+        await asyncio.to_thread(thread.join, max(timeout_s, 0.0))
+        if thread.is_alive():
+            with self._cond:
+                self._abort = True
+                self._cond.notify_all()
+            await asyncio.to_thread(thread.join)
+
+    # ------------------------------------------------------------------------------ client API
+    @property
+    def model_info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def ready(self) -> bool:
+        with self._cond:
+            return self._accepting
+
+    def submit(self, request: GenerationRequest) -> Handle:
+        """Queue a request; QueueFullError at once when its rows do not fit, EngineNotReadyError if not running."""
+        self._validate(request)
+        loop = self._submit_loop()
+        n = request.num_images
+        with self._cond:
+            if not self._accepting:
+                raise EngineNotReadyError("the engine is not accepting requests (starting, draining or stopped)")
+            if self._queued_rows + self._active_rows + n > self.settings.max_queue_rows:
+                retry = self._retry_after_locked(n)
+                self._counts["rejected"] += 1
+                self.metrics.requests.labels(outcome="rejected").inc()
+                raise QueueFullError(
+                    f"queue full: {self._queued_rows} queued + {self._active_rows} running rows, "
+                    f"{n} more exceed max_queue_rows={self.settings.max_queue_rows}",
+                    retry,
+                )
+            now = time.monotonic()
+            timeout = request.timeout_s if request.timeout_s is not None else self.settings.request_timeout_s
+            handle = Handle(request, loop, now, now + timeout, self._wake)
+            self._pending.append(_Entry(handle))
+            self._queued_rows += n
+            self._set_gauges_locked()
+            self._cond.notify_all()
+        return handle
+
+    async def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """One UNet forward ε_θ(x_t, t) on the worker (between iterations); float32 CPU result."""
+        spec = self.model.spec
+        shape = (spec.channels, spec.image_size, spec.image_size)
+        if x_t.ndim != 4 or tuple(x_t.shape[1:]) != shape:
+            raise ValueError(f"x_t must have shape (B, {', '.join(map(str, shape))}), got {tuple(x_t.shape)}")
+        if t.ndim != 1 or t.shape[0] != x_t.shape[0]:
+            raise ValueError(f"t must have shape ({x_t.shape[0]},), got {tuple(t.shape)}")
+        if bool(((t < 0) | (t >= spec.num_train_timesteps)).any()):
+            raise ValueError(f"t must be in 0..{spec.num_train_timesteps - 1}")
+        loop = asyncio.get_running_loop()
+        job = _Job(x_t.detach().to(torch.float32), t.detach().to(torch.long), loop, loop.create_future())
+        with self._cond:
+            if not self._accepting:
+                raise EngineNotReadyError("the engine is not accepting requests (starting, draining or stopped)")
+            self._jobs.append(job)
+            self._cond.notify_all()
+        return await job.future
+
+    def stats(self) -> dict[str, float]:
+        """Queue depth, running rows, iterations, evicted rows, outcomes and the mean iteration time."""
+        with self._cond:
+            c = self._counts
+            return {
+                "ready": float(self._accepting),
+                "queued_requests": float(len(self._pending)),
+                "queued_rows": float(self._queued_rows),
+                "active_requests": float(len(self._active)),
+                "active_rows": float(self._active_rows),
+                "max_batch_rows": float(self.settings.max_batch_rows),
+                "max_queue_rows": float(self.settings.max_queue_rows),
+                "iterations": float(c["iterations"]),
+                "evicted_rows": float(c["evicted_rows"]),
+                "requests_ok": float(c["ok"]),
+                "requests_rejected": float(c["rejected"]),
+                "requests_cancelled": float(c["cancelled"]),
+                "requests_timeout": float(c["timeout"]),
+                "requests_error": float(c["error"]),
+                "images_generated": float(c["images"]),
+                "step_seconds": self._step_seconds,
+            }
+
+    # ------------------------------------------------------------------------------ helpers (any thread)
+    def _validate(self, r: GenerationRequest) -> None:
+        limit = self.settings.max_batch_rows
+        if not 1 <= r.num_images <= limit:
+            raise ValueError(f"num_images must be in 1..{limit} (max_batch_rows), got {r.num_images}")
+        if r.sampler not in ("ddpm", "ddim"):
+            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {r.sampler!r}")
+        if not 1 <= r.steps <= self.model.spec.num_train_timesteps:
+            raise ValueError(f"steps must be in 1..{self.model.spec.num_train_timesteps}, got {r.steps}")
+        if not 0.0 <= r.eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {r.eta}")
+        if r.timeout_s is not None and r.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {r.timeout_s}")
+        if r.preview_every < 0:
+            raise ValueError(f"preview_every must be >= 0, got {r.preview_every}")
+
+    def _submit_loop(self) -> asyncio.AbstractEventLoop:
+        try:
+            return asyncio.get_running_loop()
+        except RuntimeError:
+            if self._loop is None:
+                raise EngineNotReadyError("the engine has not been started") from None
+            return self._loop
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _set_gauges_locked(self) -> None:
+        self.metrics.queue_depth_requests.set(len(self._pending))
+        self.metrics.queue_depth_rows.set(self._queued_rows)
+        self.metrics.active_rows.set(self._active_rows)
+
+    def _retry_after_locked(self, need: int) -> float:
+        """Seconds until ``need`` more rows are likely to fit, from the measured iteration time and the backlog.
+
+        Running requests advance one step per iteration, so they leave in order of remaining steps; if
+        they cannot free enough rows, fall back to the whole backlog (row-steps) at full batches.
+        """
+        step = max(self._step_seconds, 1e-3)
+        overflow = self._queued_rows + self._active_rows + need - self.settings.max_queue_rows
+        freed = 0
+        for remaining, rows in sorted((e.remaining_steps(), e.rows) for e in self._active):
+            freed += rows
+            if freed >= overflow:
+                return max(remaining * step, step)
+        backlog = sum(e.rows * e.remaining_steps() for e in (*self._active, *self._pending))
+        return max(backlog / self.settings.max_batch_rows * step, step)
+
+    # ------------------------------------------------------------------------------ worker thread
+    def _worker(self, started: concurrent.futures.Future[None]) -> None:
+        try:
+            torch.set_num_threads(self._threads)
+            self._warm_up()
+        except BaseException as exc:
+            started.set_exception(exc)
+            return
+        started.set_result(None)
+        try:
+            while True:
+                with self._cond:
+                    while not (self._pending or self._active or self._jobs or self._stop):
+                        self._cond.wait()
+                    if self._abort or (self._stop and not (self._pending or self._active or self._jobs)):
+                        break
+                    jobs, self._jobs = self._jobs, []
+                for job in jobs:
+                    self._run_job(job)
+                self._iterate()
+        finally:
+            self._shutdown()
+
+    def _warm_up(self) -> None:
+        """Forwards at one row and at a full batch (allocators, oneDNN primitives); seeds the step-time estimate."""
+        spec = self.model.spec
+        shape = (spec.channels, spec.image_size, spec.image_size)
+        t_mid = spec.num_train_timesteps // 2
+        for rows in (1, self.settings.max_batch_rows):
+            x = torch.randn((rows, *shape), device=self._device)
+            t = torch.full((rows,), t_mid, dtype=torch.long, device=self._device)
+            start = time.perf_counter()
+            predict_eps(self.model.unet, x, t, self._dtype)
+            self._step_seconds = time.perf_counter() - start
+
+    def _run_job(self, job: _Job) -> None:
+        try:
+            eps = predict_eps(self.model.unet, job.x.to(self._device), job.t.to(self._device), self._dtype).cpu()
+        except Exception as exc:  # a bad job must not kill the worker
+            log.exception("predict_eps failed")
+            error: BaseException = EngineError(f"UNet forward failed: {exc}")
+            post([(job.loop, lambda: job.future.done() or job.future.set_exception(error))])
+            return
+        post([(job.loop, lambda: job.future.done() or job.future.set_result(eps))])
+
+    def _finish(self, entry: _Entry, outcome: str, calls: list, error: BaseException | None = None) -> None:
+        """Resolve a request (worker thread, with the lock held or the entry already unlinked)."""
+        h = entry.handle
+        if h.finished:
+            return
+        h.finished = True
+        self._counts[outcome] += 1
+        self.metrics.requests.labels(outcome=outcome).inc()
+        if outcome == "ok":
+            assert entry.group is not None
+            now = time.monotonic()
+            r = h.request
+            result = GenerationResult(
+                images=entry.group.x.clamp(-1.0, 1.0).to("cpu", torch.float32),
+                seed=r.seed,
+                sampler=r.sampler,
+                steps=r.steps,
+                eta=r.eta,
+                queue_seconds=(h.admitted_at or now) - h.submitted_at,
+                total_seconds=now - h.submitted_at,
+            )
+            self._counts["images"] += r.num_images
+            self.metrics.images_generated.inc(r.num_images)
+            self.metrics.request_duration.labels(sampler=r.sampler).observe(result.total_seconds)
+            calls.append(h.callbacks_for_result(result))
+        else:
+            assert error is not None
+            calls.append(h.callbacks_for_error(error))
+
+    def _evict_locked(self, now: float, calls: list) -> None:
+        """Drop cancelled and expired requests, queued or running; their rows are counted as evicted."""
+        for running in (False, True):
+            entries = self._active if running else self._pending
+            keep = []
+            for e in entries:
+                h = e.handle
+                if h.cancel_requested:
+                    reason, error = "cancelled", RequestCancelledError(f"request {h.id} was cancelled")
+                elif now >= h.deadline:
+                    reason = "timeout"
+                    error = RequestTimeoutError(f"request {h.id} passed its deadline of {now - h.submitted_at:.1f} s")
+                else:
+                    keep.append(e)
+                    continue
+                if running:
+                    self._active_rows -= e.rows
+                else:
+                    self._queued_rows -= e.rows
+                self._counts["evicted_rows"] += e.rows
+                self.metrics.rows_evicted.labels(reason=reason).inc(e.rows)
+                self._finish(e, reason, calls, error)
+            if running:
+                self._active[:] = keep
+            else:
+                self._pending = deque(keep)
+
+    def _admit_locked(self) -> list[_Entry]:
+        """Move queued requests into the running batch, oldest first, while their rows fit."""
+        admitted: list[_Entry] = []
+        if self.settings.batching == "request" and self._active:
+            return admitted
+        limit = self.settings.max_batch_rows
+        while self._pending and self._active_rows + self._pending[0].rows <= limit:
+            e = self._pending.popleft()
+            self._queued_rows -= e.rows
+            self._active_rows += e.rows
+            self._active.append(e)
+            admitted.append(e)
+        return admitted
+
+    def _iterate(self) -> None:
+        """One iteration: evict, admit, one forward over every running row, events, retire."""
+        calls: list = []
+        now = time.monotonic()
+        with self._cond:
+            self._evict_locked(now, calls)
+            admitted = self._admit_locked()
+            running = list(self._active)
+            self._set_gauges_locked()
+        try:
+            if running:
+                r0 = time.perf_counter()
+                for e in admitted:
+                    r = e.handle.request
+                    e.group = RowGroup.start(self.model, r.num_images, r.seed, r.sampler, r.steps, r.eta, self._device)
+                    e.handle.admitted_at = now
+                batched_step(self.model, [e.group for e in running if e.group is not None], self._dtype)
+                seconds = time.perf_counter() - r0
+        except Exception as exc:  # fail this batch's requests, keep the worker alive
+            log.exception("engine iteration failed")
+            with self._cond:
+                for e in running:
+                    self._finish(e, "error", calls, EngineError(f"UNet forward failed: {exc}"))
+                self._active = [e for e in self._active if e not in running]
+                self._active_rows = sum(e.rows for e in self._active)
+                self._set_gauges_locked()
+            post(calls)
+            return
+        if not running:
+            post(calls)
+            return
+        rows = sum(e.rows for e in running)
+        self.metrics.iterations.inc()
+        self.metrics.batch_rows.observe(rows)
+        self.metrics.step_duration.observe(seconds)
+        done_at = time.monotonic()
+        finished = []
+        for e in running:
+            g, h = e.group, e.handle
+            assert g is not None
+            if h.first_step_at is None:
+                h.first_step_at = done_at
+                self.metrics.time_to_first_step.observe(done_at - h.submitted_at)
+            k = h.request.preview_every
+            preview = g.pred_x0.clamp(-1.0, 1.0).to("cpu", torch.float32) if k and g.index % k == 0 else None
+            calls.append(h.callbacks_for_event(ProgressEvent(step=g.index, total=g.total, preview=preview)))
+            if g.done:
+                finished.append(e)
+        with self._cond:
+            self._counts["iterations"] += 1
+            self._step_seconds = 0.8 * self._step_seconds + 0.2 * seconds if self._step_seconds else seconds
+            for e in finished:
+                self._finish(e, "ok", calls)
+            if finished:
+                self._active = [e for e in self._active if e not in finished]
+                self._active_rows -= sum(e.rows for e in finished)
+            self._set_gauges_locked()
+        post(calls)
+
+    def _shutdown(self) -> None:
+        """Fail whatever is left when the worker exits (drain timeout or a crash)."""
+        calls: list = []
+        stopped = EngineNotReadyError("the engine stopped")
+        with self._cond:
+            self._accepting = False
+            for e in (*self._active, *self._pending):
+                self._counts["evicted_rows"] += e.rows
+                self.metrics.rows_evicted.labels(reason="timeout").inc(e.rows)
+                self._finish(e, "timeout", calls, RequestTimeoutError(f"request {e.handle.id}: the engine was drained"))
+            self._active, self._pending = [], deque()
+            self._active_rows = self._queued_rows = 0
+            for job in self._jobs:
+                calls.append((job.loop, lambda job=job: job.future.done() or job.future.set_exception(stopped)))
+            self._jobs = []
+            self._set_gauges_locked()
+        self.metrics.ready.set(0)
+        post(calls)
