@@ -1,0 +1,523 @@
+/* The service's web page: plain JavaScript, no build step, no dependencies.
+ *
+ * Three panels, each talking to one endpoint:
+ *   generate  POST /generate/stream  Server-Sent Events read through fetch (EventSource cannot POST)
+ *   forward   GET /noise, POST /noise  x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε   (DDPM eq. 4)
+ *   reverse   POST /denoise-step       x_{t−1} = μ̃_t(x_t, x̂_0) + σ_t z          (DDPM eqs. 6, 7, 15)
+ * Errors (422 validation, 429 queue full, 503 not ready, …) are shown in the panel that caused them.
+ */
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+
+/* ------------------------------------------------------------------ helpers */
+
+/** Turn a failed response into a readable message (FastAPI's 422 detail list, Retry-After on 429). */
+async function describeError(res) {
+  let detail = "";
+  try {
+    const body = await res.json();
+    detail = formatDetail(body.detail ?? body.error ?? body.message ?? body);
+  } catch {
+    detail = res.statusText;
+  }
+  if (res.status === 429) {
+    const after = res.headers.get("Retry-After");
+    return `429 server busy: the queue is full${after ? `, retry in ${after} s` : ""}. ${detail}`.trim();
+  }
+  if (res.status === 422) return `422 invalid input: ${detail}`;
+  if (res.status === 503) return `503 not ready: ${detail}`;
+  return `${res.status} ${detail}`.trim();
+}
+
+function formatDetail(detail) {
+  if (typeof detail === "string") return detail;
+  if (Array.isArray(detail)) {
+    return detail
+      .map((d) => {
+        if (typeof d !== "object" || d === null) return String(d);
+        const loc = Array.isArray(d.loc) ? d.loc.filter((p) => p !== "body" && p !== "query").join(".") : "";
+        return loc ? `${loc}: ${d.msg}` : d.msg ?? JSON.stringify(d);
+      })
+      .join("; ");
+  }
+  return JSON.stringify(detail);
+}
+
+function showError(el, message) {
+  el.textContent = message;
+  el.hidden = !message;
+}
+
+/** fetch that throws an Error carrying the readable message when the status is not 2xx. */
+async function request(url, options = {}) {
+  const res = await fetch(url, options);
+  if (!res.ok) {
+    const err = new Error(await describeError(res));
+    err.status = res.status;
+    throw err;
+  }
+  return res;
+}
+
+function postJSON(url, body, signal) {
+  return request(url, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+    signal,
+  });
+}
+
+function intOrNull(input) {
+  const v = input.value.trim();
+  return v === "" ? null : Number(v);
+}
+
+function fmt(x) {
+  if (typeof x !== "number") return String(x);
+  if (x === 0) return "0";
+  return Math.abs(x) >= 1e-3 && Math.abs(x) < 1e4 ? x.toFixed(6) : x.toExponential(4);
+}
+
+function setNumbers(dl, pairs) {
+  dl.replaceChildren();
+  for (const [name, value] of pairs) {
+    const dt = document.createElement("dt");
+    dt.textContent = name;
+    const dd = document.createElement("dd");
+    dd.textContent = fmt(value);
+    dd.dataset.name = name;
+    dl.append(dt, dd);
+  }
+}
+
+const pngSrc = (b64) => `data:image/png;base64,${b64}`;
+
+/* ------------------------------------------------------------ .npy codec */
+
+function b64ToBytes(b64) {
+  const bin = atob(b64);
+  const out = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
+  return out;
+}
+
+function bytesToB64(bytes) {
+  let bin = "";
+  for (let i = 0; i < bytes.length; i += 0x8000) bin += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+  return btoa(bin);
+}
+
+/** Parse a little-endian float32 (or float64) C-order .npy file: {shape, data: Float32Array}. */
+function parseNpy(bytes) {
+  const magic = String.fromCharCode(...bytes.subarray(0, 6));
+  if (magic !== "\x93NUMPY") throw new Error("not a .npy file");
+  const major = bytes[6];
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const headerLen = major === 1 ? view.getUint16(8, true) : view.getUint32(8, true);
+  const start = major === 1 ? 10 : 12;
+  const header = new TextDecoder("latin1").decode(bytes.subarray(start, start + headerLen));
+  const descr = /'descr':\s*'([^']+)'/.exec(header)[1];
+  if (/'fortran_order':\s*True/.test(header)) throw new Error("fortran-order .npy is not supported");
+  const shape = /'shape':\s*\(([^)]*)\)/
+    .exec(header)[1]
+    .split(",")
+    .map((s) => s.trim())
+    .filter(Boolean)
+    .map(Number);
+  const body = bytes.slice(start + headerLen); // copy: aligned for the typed array
+  let data;
+  if (descr === "<f4") data = new Float32Array(body.buffer);
+  else if (descr === "<f8") data = Float32Array.from(new Float64Array(body.buffer));
+  else throw new Error(`unsupported .npy dtype ${descr}`);
+  return { shape, data };
+}
+
+/** A float32 array as .npy (version 1.0) bytes. */
+function makeNpy(shape, data) {
+  const dims = shape.length === 1 ? `${shape[0]},` : shape.join(", ");
+  let header = `{'descr': '<f4', 'fortran_order': False, 'shape': (${dims}), }`;
+  const pad = 64 - ((10 + header.length + 1) % 64);
+  header += " ".repeat(pad % 64) + "\n";
+  const out = new Uint8Array(10 + header.length + data.length * 4);
+  out.set([0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59, 1, 0]);
+  new DataView(out.buffer).setUint16(8, header.length, true);
+  for (let i = 0; i < header.length; i++) out[10 + i] = header.charCodeAt(i);
+  out.set(new Uint8Array(new Float32Array(data).buffer), 10 + header.length);
+  return out;
+}
+
+/** Draw a (…, C, H, W) array in [-1, 1] (after dividing by `scale`) on a canvas, C = 1 or 3. */
+function drawArray(canvas, { shape, data }, scale = 1) {
+  const [c, h, w] = shape.slice(-3);
+  canvas.width = w;
+  canvas.height = h;
+  const ctx = canvas.getContext("2d");
+  const img = ctx.createImageData(w, h);
+  const plane = h * w;
+  const toByte = (v) => Math.max(0, Math.min(255, Math.round((v / scale + 1) * 127.5)));
+  for (let p = 0; p < plane; p++) {
+    const r = toByte(data[p]);
+    const g = c === 3 ? toByte(data[plane + p]) : r;
+    const b = c === 3 ? toByte(data[2 * plane + p]) : r;
+    img.data.set([r, g, b, 255], 4 * p);
+  }
+  ctx.putImageData(img, 0, 0);
+}
+
+/** Seeded standard normal samples: mulberry32 + Box–Muller. */
+function gaussian(n, seed) {
+  let a = seed >>> 0;
+  const uniform = () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i += 2) {
+    const u1 = Math.max(uniform(), 1e-12);
+    const u2 = uniform();
+    const r = Math.sqrt(-2 * Math.log(u1));
+    out[i] = r * Math.cos(2 * Math.PI * u2);
+    if (i + 1 < n) out[i + 1] = r * Math.sin(2 * Math.PI * u2);
+  }
+  return out;
+}
+
+/* --------------------------------------------------------------- model */
+
+const model = {
+  T: 1000,
+  channels: 1,
+  size: 28,
+  maxImages: 16,
+  examples: [],
+  defaultSteps: {},
+};
+
+/** Read GET /v1/model (schemas.ModelResponse) and size the controls to the model. */
+async function loadModelInfo() {
+  try {
+    const info = await (await request("v1/model")).json();
+    model.T = info.num_train_timesteps;
+    [model.channels, model.size] = info.image_shape;
+    model.maxImages = info.max_images_per_request;
+    model.examples = info.examples ?? [];
+    model.defaultSteps = info.default_steps ?? {};
+    $("model-info").textContent =
+      `${info.name} · ${info.image_shape.join("×")} · T = ${model.T} · ${info.schedule.beta_schedule} β ` +
+      `${info.schedule.beta_start}→${info.schedule.beta_end} · ${info.variance_type} · ${info.device} ${info.dtype}` +
+      ` · sha256 ${info.sha256.slice(0, 12)}…`;
+  } catch (err) {
+    $("model-info").textContent = `model info unavailable: ${err.message}`;
+  }
+  $("gen-num").max = model.maxImages;
+  $("gen-steps").max = model.T;
+  $("gen-steps").value = Math.min(Number($("gen-steps").value), model.defaultSteps.ddim ?? model.T);
+  $("fwd-t").max = model.T - 1;
+  $("fwd-t").value = Math.min(Number($("fwd-t").value), model.T - 1);
+  const select = $("fwd-example");
+  select.replaceChildren();
+  for (const name of model.examples) {
+    const opt = document.createElement("option");
+    opt.value = name;
+    opt.textContent = name;
+    select.append(opt);
+  }
+  if (!model.examples.length) select.disabled = true; // no bundled digits: upload one
+}
+
+/* ----------------------------------------------- 1. generate (SSE stream) */
+
+let genAbort = null;
+
+/** Yield {event, data} from a text/event-stream body (the SSE wire format, parsed by hand). */
+async function* readSSE(body) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += value.replace(/\r\n?/g, "\n");
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const frame = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      let event = "message";
+      const data = [];
+      for (const line of frame.split("\n")) {
+        if (line.startsWith(":")) continue; // comment / keep-alive
+        const colon = line.indexOf(":");
+        const field = colon < 0 ? line : line.slice(0, colon);
+        const val = colon < 0 ? "" : line.slice(colon + 1).replace(/^ /, "");
+        if (field === "event") event = val;
+        else if (field === "data") data.push(val);
+      }
+      if (data.length) yield { event, data: data.join("\n") };
+    }
+  }
+}
+
+function generationBody() {
+  const body = {
+    num_images: Number($("gen-num").value),
+    sampler: $("gen-sampler").value,
+    steps: Number($("gen-steps").value),
+  };
+  const seed = intOrNull($("gen-seed"));
+  if (seed !== null) body.seed = seed;
+  if (body.sampler === "ddim") body.eta = Number($("gen-eta").value);
+  return body;
+}
+
+function setProgress(step, total, text) {
+  $("gen-progress").max = total || 1;
+  $("gen-progress").value = step;
+  $("gen-progress-text").textContent = text ?? `step ${step} / ${total}`;
+}
+
+function showResult(result) {
+  const grid = $("gen-results");
+  grid.replaceChildren();
+  for (const b64 of result.images ?? []) {
+    const img = document.createElement("img");
+    img.className = "pixel result";
+    img.alt = "generated image";
+    img.src = pngSrc(b64);
+    grid.append(img);
+  }
+  $("gen-seed-shown").textContent = `seed ${result.seed}`;
+  $("gen-seed-shown").dataset.seed = result.seed;
+  $("gen-reuse-seed").hidden = false;
+  const secs = result.total_seconds ?? result.elapsed_s ?? result.duration_s;
+  setProgress(
+    result.steps ?? $("gen-progress").max,
+    result.steps ?? $("gen-progress").max,
+    `done: ${result.images?.length ?? 0} image(s), ${result.sampler ?? ""}-${result.steps ?? ""}` +
+      (secs != null ? ` in ${Number(secs).toFixed(2)} s` : ""),
+  );
+}
+
+async function generate(ev) {
+  ev.preventDefault();
+  showError($("gen-error"), "");
+  genAbort = new AbortController();
+  $("gen-run").disabled = true;
+  $("gen-cancel").disabled = false;
+  setProgress(0, 1, "queued…");
+  try {
+    const res = await postJSON("generate/stream", generationBody(), genAbort.signal);
+    let finished = false;
+    for await (const { event, data } of readSSE(res.body)) {
+      const payload = JSON.parse(data);
+      if (event === "progress") {
+        setProgress(payload.step, payload.total);
+        const preview = payload.preview ?? payload.x0_preview ?? payload.image;
+        if (preview) $("gen-preview").src = pngSrc(preview);
+      } else if (event === "result") {
+        showResult(payload);
+        finished = true;
+      } else if (event === "error") {
+        const status = payload.status ?? payload.status_code;
+        throw new Error(`${status ? `${status} ` : ""}${formatDetail(payload.detail ?? payload.message ?? payload)}`);
+      }
+    }
+    if (!finished) throw new Error("the stream ended without a result");
+  } catch (err) {
+    if (err.name === "AbortError") setProgress(0, 1, "cancelled");
+    else {
+      showError($("gen-error"), err.message);
+      setProgress(0, 1, "failed");
+    }
+  } finally {
+    $("gen-run").disabled = false;
+    $("gen-cancel").disabled = true;
+    genAbort = null;
+  }
+}
+
+/* ------------------------------------------------- 2. forward process */
+
+let uploaded = null; // a File chosen by the user (sent as the raw body), or null for the bundled example
+let fwdSeq = 0; // drop responses that arrive after a newer request
+
+/** x_t of the chosen example (GET /noise) or of the uploaded file (POST /noise, raw body), as JSON. */
+async function showNoise() {
+  const t = Number($("fwd-t").value);
+  $("fwd-t-value").textContent = t;
+  const seq = ++fwdSeq;
+  const seed = intOrNull($("fwd-seed")) ?? 0;
+  try {
+    const query = `t=${t}&seed=${seed}&format=json`;
+    let res;
+    if (uploaded) {
+      res = await request(`noise?${query}`, {
+        method: "POST",
+        headers: { "Content-Type": uploaded.type || "application/octet-stream" },
+        body: uploaded,
+      });
+    } else {
+      const image = $("fwd-example").value;
+      res = await request(`noise?${query}${image ? `&image=${encodeURIComponent(image)}` : ""}`);
+    }
+    const out = await res.json();
+    if (seq !== fwdSeq) return; // a newer slider position is on its way
+    const img = $("fwd-image");
+    img.src = pngSrc(out.x_t_png[0]);
+    img.dataset.t = t;
+    showError($("fwd-error"), "");
+    const abar = out.alpha_bar[0];
+    setNumbers($("fwd-numbers"), [
+      ["t", t],
+      ["alpha_bar_t", abar],
+      ["sqrt(alpha_bar_t)", Math.sqrt(abar)],
+      ["sqrt(1 - alpha_bar_t)", Math.sqrt(1 - abar)],
+      ["seed", out.seed],
+    ]);
+  } catch (err) {
+    if (seq === fwdSeq) showError($("fwd-error"), err.message);
+  }
+}
+
+/* ------------------------------------------------- 3. reverse stepping */
+
+const rev = { x: null, t: null, playing: false, busy: false };
+
+function startFromNoise() {
+  const shape = [1, model.channels, model.size, model.size];
+  const seed = intOrNull($("rev-seed")) ?? 0;
+  rev.x = { shape, data: gaussian(shape.reduce((a, b) => a * b), seed) };
+  rev.t = model.T - 1;
+  drawArray($("rev-xt"), rev.x);
+  for (const id of ["rev-x0", "rev-eps"]) {
+    const c = $(id);
+    c.getContext("2d").clearRect(0, 0, c.width, c.height);
+  }
+  $("rev-t").textContent = rev.t;
+  setNumbers($("rev-numbers"), []);
+  showError($("rev-error"), "");
+  $("rev-step").disabled = false;
+  $("rev-play").disabled = false;
+}
+
+/** One call to /denoise-step: x_t → x_{t−1}, drawing x_{t−1}, x̂_0 and ε_θ. */
+async function denoiseStep() {
+  if (rev.x === null || rev.t < 0) return false;
+  const body = {
+    x_t: bytesToB64(makeNpy(rev.x.shape, rev.x.data)),
+    t: rev.t,
+    seed: intOrNull($("rev-seed")) ?? 0, // z at step t: the draw /generate makes for image 0 with this seed
+  };
+  if ($("rev-variance").value) body.variance = $("rev-variance").value;
+  const out = await (await postJSON("denoise-step", body)).json();
+  const xPrev = parseNpy(b64ToBytes(out.x_prev));
+  rev.x = { shape: xPrev.shape.length === 3 ? [1, ...xPrev.shape] : xPrev.shape, data: xPrev.data };
+  const tShown = rev.t;
+  rev.t -= 1;
+  drawArray($("rev-xt"), rev.x);
+  drawArray($("rev-x0"), parseNpy(b64ToBytes(out.x0_pred)));
+  drawArray($("rev-eps"), parseNpy(b64ToBytes(out.eps)), 3);
+  $("rev-t").textContent = rev.t >= 0 ? rev.t : "0 (done: x_0)";
+  setNumbers($("rev-numbers"), [
+    ["t", tShown],
+    ["alpha_t", out.alpha_t],
+    ["alpha_bar_t", out.alpha_bar_t],
+    ["alpha_bar_prev", out.alpha_bar_prev],
+    ["beta_t", out.beta_t],
+    ["posterior_mean_coef_x0", out.posterior_mean_coef_x0],
+    ["posterior_mean_coef_xt", out.posterior_mean_coef_xt],
+    ["posterior_variance", out.posterior_variance],
+    [`sigma^2 (${out.variance})`, out.sigma_squared],
+  ]);
+  if (rev.t < 0) {
+    $("rev-step").disabled = true;
+    $("rev-play").disabled = true;
+  }
+  return rev.t >= 0;
+}
+
+async function stepFrames() {
+  if (rev.busy) return false;
+  rev.busy = true;
+  try {
+    const stride = Math.max(1, Number($("rev-stride").value) || 1);
+    let more = true;
+    for (let i = 0; i < stride && more; i++) more = await denoiseStep();
+    showError($("rev-error"), "");
+    return more;
+  } catch (err) {
+    showError($("rev-error"), err.message);
+    return false;
+  } finally {
+    rev.busy = false;
+  }
+}
+
+async function togglePlay() {
+  rev.playing = !rev.playing;
+  $("rev-play").textContent = rev.playing ? "Pause" : "Play";
+  while (rev.playing) {
+    const more = await stepFrames();
+    if (!more) break;
+    await new Promise((r) => requestAnimationFrame(r));
+  }
+  rev.playing = false;
+  $("rev-play").textContent = "Play";
+}
+
+/* ----------------------------------------------------------------- wiring */
+
+function debounce(fn, ms) {
+  let timer;
+  return (...args) => {
+    clearTimeout(timer);
+    timer = setTimeout(() => fn(...args), ms);
+  };
+}
+
+async function main() {
+  await loadModelInfo();
+  $("gen-form").addEventListener("submit", generate);
+  $("gen-cancel").addEventListener("click", () => genAbort?.abort());
+  $("gen-sampler").addEventListener("change", () => {
+    const ddim = $("gen-sampler").value === "ddim";
+    $("gen-eta-label").hidden = !ddim;
+    // DDPM with fewer steps than T is the respaced sampler; keep the page quick by default.
+    if (!ddim && Number($("gen-steps").value) === (model.defaultSteps.ddim ?? 50)) {
+      $("gen-steps").value = Math.min(100, model.T);
+    }
+  });
+  $("gen-reuse-seed").addEventListener("click", () => {
+    $("gen-seed").value = $("gen-seed-shown").dataset.seed;
+  });
+
+  const noiseSoon = debounce(showNoise, 40);
+  $("fwd-t").addEventListener("input", () => {
+    $("fwd-t-value").textContent = $("fwd-t").value;
+    noiseSoon();
+  });
+  $("fwd-example").addEventListener("change", showNoise);
+  $("fwd-seed").addEventListener("change", showNoise);
+  $("fwd-upload").addEventListener("change", () => {
+    uploaded = $("fwd-upload").files[0] ?? null;
+    $("fwd-clear-upload").hidden = uploaded === null;
+    showNoise();
+  });
+  $("fwd-clear-upload").addEventListener("click", () => {
+    uploaded = null;
+    $("fwd-upload").value = "";
+    $("fwd-clear-upload").hidden = true;
+    showNoise();
+  });
+  showNoise();
+
+  $("rev-start").addEventListener("click", startFromNoise);
+  $("rev-step").addEventListener("click", () => stepFrames());
+  $("rev-play").addEventListener("click", togglePlay);
+  document.body.dataset.ready = "true";
+}
+
+main();

@@ -1,0 +1,201 @@
+"""The web page in headless Chromium against a real server (tiny random-weight model, few steps).
+
+Each test drives the page the way a person would (fill inputs, click, drag the slider) and checks
+what the page shows: images that decode, numbers that move, errors that are visible.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.web.cdp import Page
+from tests.web.conftest import QUEUE_ROWS
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+# Grey values of an <img> or <canvas>, read back through a canvas (the image as the browser decoded it).
+PIXELS_JS = """
+((el) => {
+  const w = el.naturalWidth ?? el.width, h = el.naturalHeight ?? el.height;
+  if (!w || !h) return null;
+  const c = document.createElement('canvas'); c.width = w; c.height = h;
+  const ctx = c.getContext('2d'); ctx.drawImage(el, 0, 0);
+  const d = ctx.getImageData(0, 0, w, h).data;
+  const out = []; for (let i = 0; i < d.length; i += 4) out.push(d[i]);
+  return out;
+})(document.querySelector(%s))
+"""
+
+
+def pixels(page: Page, selector: str) -> list[int] | None:
+    return page.eval(PIXELS_JS % json.dumps(selector))
+
+
+def set_value(page: Page, selector: str, value: object, event: str = "input") -> None:
+    """Set an input's value and fire the event a person's edit would fire."""
+    page.eval(
+        f"(() => {{ const el = document.querySelector({json.dumps(selector)});"
+        f" el.value = {json.dumps(str(value))};"
+        f" el.dispatchEvent(new Event({json.dumps(event)}, {{bubbles: true}})); }})()"
+    )
+
+
+def click(page: Page, selector: str) -> None:
+    page.eval(f"document.querySelector({json.dumps(selector)}).click()")
+
+
+def text(page: Page, selector: str) -> str:
+    return page.eval(f"document.querySelector({json.dumps(selector)}).textContent")
+
+
+def test_page_reports_the_model(page: Page) -> None:
+    info = page.wait_for("(t => t.includes('T = 1000') && t)(document.getElementById('model-info').textContent)")
+    assert "tiny" in info and "1×8×8" in info
+    assert page.eval("document.getElementById('fwd-t').max") == "999"
+    assert page.eval("[...document.querySelectorAll('#fwd-example option')].map(o => o.value)") == ["0", "1"]
+
+
+def test_generate_streams_progress_and_shows_images(page: Page) -> None:
+    set_value(page, "#gen-num", 2)
+    set_value(page, "#gen-seed", 1234)
+    set_value(page, "#gen-sampler", "ddim", "change")
+    set_value(page, "#gen-steps", 10)
+    page.eval("window.seenSteps = []; new MutationObserver(() => window.seenSteps.push("
+              "document.getElementById('gen-progress').value)).observe("
+              "document.getElementById('gen-progress-text'), {childList: true, characterData: true, subtree: true})")
+    click(page, "#gen-run")
+    page.wait_for("document.querySelectorAll('#gen-results img').length === 2", timeout_s=30)
+    page.wait_for("[...document.querySelectorAll('#gen-results img')].every(i => i.complete && i.naturalWidth === 8)")
+    assert text(page, "#gen-seed-shown") == "seed 1234"
+    assert page.eval("document.getElementById('gen-progress').value") == 10
+    assert page.eval("document.getElementById('gen-progress').max") == 10
+    assert text(page, "#gen-progress-text").startswith("done: 2 image(s), ddim-10")
+    # progress events arrived one by one, and a predicted-x0 preview was drawn
+    seen = page.eval("window.seenSteps")
+    assert len({s for s in seen if 0 < s < 10}) >= 3, seen
+    assert page.eval("document.getElementById('gen-preview').src").startswith("data:image/png;base64,")
+    assert page.eval("document.getElementById('gen-error').hidden") is True
+    # the shown seed reproduces the images: the same request through the API gives the same pixels
+    first = pixels(page, "#gen-results img")
+    click(page, "#gen-reuse-seed")
+    assert page.eval("document.getElementById('gen-seed').value") == "1234"
+    base = page.eval("location.origin")
+    again = httpx.post(f"{base}/generate", json={"num_images": 2, "seed": 1234, "sampler": "ddim", "steps": 10,
+                                                   "format": "json"}, timeout=30).json()
+    assert page.eval(f"document.querySelector('#gen-results img').src.endsWith({json.dumps(again['images'][0])})")
+    assert first is not None and len(first) == 64
+
+
+def test_invalid_input_shows_422(page: Page) -> None:
+    set_value(page, "#gen-steps", 5000)
+    page.eval("document.getElementById('gen-steps').removeAttribute('max')")  # past the form's own check
+    click(page, "#gen-run")
+    message = page.wait_for("!document.getElementById('gen-error').hidden && "
+                            "document.getElementById('gen-error').textContent")
+    assert message.startswith("422") and "steps" in message and "1000" in message
+    assert page.eval("document.getElementById('gen-run').disabled") is False
+
+
+def _generate_while_queue_is_full(page: Page, base: str) -> tuple[str, str]:
+    """Hold every queue row with a streamed DDPM-1000 request, click Generate, return (progress, error) text."""
+    body = {"num_images": QUEUE_ROWS, "sampler": "ddpm", "steps": 1000, "seed": 0}
+    with httpx.Client(timeout=30) as client, client.stream("POST", f"{base}/generate/stream", json=body) as stream:
+        assert stream.status_code == 200
+        for line in stream.iter_lines():  # the first progress event: all QUEUE_ROWS rows are running
+            if line == "event: progress":
+                break
+        click(page, "#gen-run")
+        page.wait_for("['failed', 'cancelled'].includes(document.getElementById('gen-progress-text').textContent)"
+                      " || document.getElementById('gen-progress-text').textContent.startsWith('done')")
+        return text(page, "#gen-progress-text"), text(page, "#gen-error")
+    # leaving the block closes the stream, which cancels the blocker and evicts its rows
+
+
+def test_queue_full_shows_429(page: Page) -> None:
+    """Fill the server's queue with one long streamed DDPM request, then generate from the page."""
+    base = page.eval("location.origin")
+    set_value(page, "#gen-num", 1)
+    set_value(page, "#gen-steps", 5)
+    for _ in range(5):  # the blocker runs ~1 s on an idle machine; retry if it finished before the click
+        progress, message = _generate_while_queue_is_full(page, base)
+        if progress == "failed":
+            break
+    assert progress == "failed"
+    assert message.startswith("429 server busy") and "retry in" in message
+    assert page.eval("document.getElementById('gen-error').hidden") is False
+    # after the blocker is gone the same click succeeds and the error goes away
+    deadline = time.monotonic() + 20
+    while "ddpm_active_rows 0.0" not in httpx.get(f"{base}/metrics").text:
+        assert time.monotonic() < deadline, "the cancelled request's rows were never evicted"
+        time.sleep(0.05)
+    click(page, "#gen-run")
+    page.wait_for("document.querySelectorAll('#gen-results img').length === 1", timeout_s=30)
+    assert page.eval("document.getElementById('gen-error').hidden") is True
+
+
+def test_slider_changes_the_picture(page: Page) -> None:
+    page.wait_for("document.getElementById('fwd-image').dataset.t === '0'")
+    page.wait_for("document.getElementById('fwd-image').complete")
+    at0 = pixels(page, "#fwd-image")
+    abar0 = float(page.eval("document.querySelector('#fwd-numbers dd[data-name=alpha_bar_t]').textContent"))
+    set_value(page, "#fwd-t", 700)
+    page.wait_for("document.getElementById('fwd-image').dataset.t === '700'")
+    page.wait_for("document.getElementById('fwd-image').complete")
+    at700 = pixels(page, "#fwd-image")
+    abar700 = float(page.eval("document.querySelector('#fwd-numbers dd[data-name=alpha_bar_t]').textContent"))
+    assert text(page, "#fwd-t-value") == "700"
+    assert at0 is not None and at700 is not None and len(at0) == len(at700) == 64
+    assert sum(abs(a - b) for a, b in zip(at0, at700, strict=True)) > 64 * 10  # visibly different
+    assert abar0 == pytest.approx(1 - 1e-4, abs=1e-6)  # ᾱ_0 = 1 − β_1
+    assert 0 < abar700 < 0.1  # linear schedule: ᾱ_700 ≈ 0.012
+    # another example digit at the same t and seed is another picture
+    set_value(page, "#fwd-example", "1", "change")
+    page.wait_for("document.getElementById('fwd-image').complete")
+    page.wait_for(f"JSON.stringify({PIXELS_JS % json.dumps('#fwd-image')}) !== {json.dumps(json.dumps(at700))}")
+
+
+def test_upload_shows_the_uploaded_image_noised(page: Page, tmp_path: Path) -> None:
+    from PIL import Image
+
+    path = tmp_path / "white.png"
+    Image.new("L", (8, 8), 255).save(path)
+    set_value(page, "#fwd-t", 0)
+    page.set_files("#fwd-upload", [str(path)])
+    page.wait_for("!document.getElementById('fwd-clear-upload').hidden")
+    # t = 0: x_0 = 1 everywhere plus noise of std √β_1 = 0.01 → every pixel within a few grey levels of white
+    page.wait_for(f"(p => p && p.every(v => v >= 250))({PIXELS_JS % json.dumps('#fwd-image')})")
+    assert page.eval("document.getElementById('fwd-error').hidden") is True
+
+
+def test_reverse_stepping_advances_t(page: Page) -> None:
+    assert page.eval("document.getElementById('rev-step').disabled") is True
+    click(page, "#rev-start")
+    assert text(page, "#rev-t") == "999"
+    noise = pixels(page, "#rev-xt")
+    click(page, "#rev-step")
+    page.wait_for("document.getElementById('rev-t').textContent === '998'")
+    numbers = page.eval("Object.fromEntries([...document.querySelectorAll('#rev-numbers dd')]"
+                        ".map(d => [d.dataset.name, Number(d.textContent)]))")
+    assert numbers["t"] == 999
+    assert numbers["beta_t"] == pytest.approx(0.02, rel=1e-3)
+    assert numbers["alpha_t"] == pytest.approx(0.98, rel=1e-3)
+    assert numbers["posterior_mean_coef_x0"] + numbers["posterior_mean_coef_xt"] > 0.9
+    for canvas in ("#rev-xt", "#rev-x0", "#rev-eps"):
+        values = pixels(page, canvas)
+        assert values is not None and len(values) == 64 and len(set(values)) > 1, canvas
+    assert pixels(page, "#rev-xt") != noise
+    # play runs several steps per frame until paused
+    set_value(page, "#rev-stride", 5)
+    click(page, "#rev-play")
+    page.wait_for("Number(document.getElementById('rev-t').textContent) <= 980", timeout_s=30)
+    click(page, "#rev-play")
+    page.wait_for("document.getElementById('rev-play').textContent === 'Play'")
+    t_paused = int(text(page, "#rev-t"))
+    time.sleep(0.3)
+    assert int(text(page, "#rev-t")) == t_paused
+    assert page.eval("document.getElementById('rev-error').hidden") is True
