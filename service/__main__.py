@@ -95,6 +95,42 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from service.evaluate import evaluate, format_table, write_json
+    from service.progress import Progress
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bars: list[Progress] = []
+
+    def progress(total: int, desc: str):
+        bars.append(Progress(total, desc=desc))
+        return bars[-1].update
+
+    report = evaluate(
+        args.model, args.sampler, args.steps, args.num, args.eta, args.batch, _dtype(args.dtype), args.seed,
+        args.data, args.labels, args.classifier, args.holdout, args.split_seed, _device(args.device), progress,
+    )
+    for bar in bars:
+        bar.close()
+    print(format_table(report))
+    if args.json:
+        print(f"wrote {write_json(report, args.json)}")
+    return 0
+
+
+def cmd_train_classifier(args: argparse.Namespace) -> int:
+    import torch
+
+    from service.classifier import fit_and_save
+
+    torch.set_num_threads(args.threads)
+    fit_and_save(args.data, args.labels, args.out, args.holdout, args.split_seed, args.epochs, args.seed)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from service.api.server import serve
     from service.config import Settings
@@ -167,6 +203,35 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=None, help="overrides DDPM_PORT (default 8000)")
     v.add_argument("--model", default=None, help="overrides DDPM_MODEL (default model_store/mnist)")
     v.set_defaults(func=cmd_serve)
+    e = sub.add_parser("evaluate", help="score generated samples with the digit classifier (FLD, confidence, shares)")
+    e.add_argument("--model", default="model_store/mnist")
+    e.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
+    e.add_argument("--steps", type=int, default=None, help="default: T for ddpm, 50 for ddim")
+    e.add_argument("--num", type=int, default=1000, help="generated images (and real training digits for the floor)")
+    e.add_argument("--eta", type=float, default=0.0)
+    e.add_argument("--batch", type=int, default=250)
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--threads", type=int, default=0)
+    e.add_argument("--data", default=None, help="real digits (IDX/folder/.npz); default: the model's training data")
+    e.add_argument("--labels", default=None, help="IDX labels (optional; reports the classifier's accuracy)")
+    e.add_argument("--classifier", default=None, help="default: MODEL/classifier.safetensors")
+    e.add_argument("--holdout", type=int, default=None, help="default: the model's training split")
+    e.add_argument("--split-seed", type=int, default=None, help="default: the model's training split")
+    e.add_argument("--json", default=None, help="also write the report as JSON here")
+    e.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser("train-classifier", help="train the evaluator's digit classifier on the training split")
+    c.add_argument("--data", required=True, help="digit images (MNIST IDX .gz/raw, folder or .npz), 28x28")
+    c.add_argument("--labels", required=True, help="IDX label file, one label per image")
+    c.add_argument("--out", default="model_store/mnist/classifier.safetensors")
+    c.add_argument("--holdout", type=int, default=1000, help="must match the diffusion model's training split")
+    c.add_argument("--split-seed", type=int, default=0)
+    c.add_argument("--epochs", type=int, default=20)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--threads", type=int, default=1)
+    c.set_defaults(func=cmd_train_classifier)
     return p
 
 
