@@ -51,6 +51,7 @@ class Server:
     """``python -m service serve`` in a subprocess; ``client`` talks to it."""
 
     def __init__(self, model: Path, tmp: Path, **env: str) -> None:
+        self.model_dir = Path(model)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = tmp / f"server-{self.port}.log"
@@ -116,12 +117,12 @@ class Server:
         return self.proc.returncode
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def model_t1000(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_model(tmp_path_factory.mktemp("m1000") / "tiny", timesteps=1000)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(model_t1000: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """T = 1000 (linear 1e-4 → 0.02), 16×16 grey, two example images."""
     srv = Server(model_t1000, tmp_path_factory.mktemp("srv"), DDPM_MAX_IMAGES_PER_REQUEST="8",
@@ -130,7 +131,7 @@ def server(model_t1000: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     assert srv.stop() == 0, srv.log()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server_t50(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """T = 50: whole DDPM chains stay fast."""
     tmp = tmp_path_factory.mktemp("m50")
