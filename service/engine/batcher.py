@@ -39,7 +39,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from service.diffusion.checkpoint import DiffusionModel
-from service.diffusion.pipeline import predict_eps, prepare_unet
+from service.diffusion.pipeline import prepare_unet
 from service.engine.client import (
     EngineError,
     EngineNotReadyError,
@@ -52,6 +52,7 @@ from service.engine.client import (
     RequestTimeoutError,
 )
 from service.engine.handle import Handle, post
+from service.engine.runner import UNetRunner
 from service.engine.step import RowGroup, batched_step
 from service.metrics import EngineMetrics
 
@@ -70,6 +71,7 @@ class EngineSettings:
     batching: Literal["step", "request"] = "step"  # "request" = baseline request-level batching
     dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast; channels_last)
     threads: int = 0  # torch intra-op threads for the worker (0 = leave torch's default)
+    jit: bool = False  # trace + freeze the UNet (TorchScript) at start: faster on CPU, not bit-equal to eager
 
     def __post_init__(self) -> None:
         if self.max_batch_rows < 1:
@@ -120,6 +122,7 @@ class Engine:
         self._dtype = DTYPES[settings.dtype]
         self._device = next(model.unet.parameters()).device
         self._threads = settings.threads or torch.get_num_threads()
+        self._forward = UNetRunner(model, self._dtype, settings.jit)
         spec = model.spec
         self._info = ModelInfo(
             name=spec.name,
@@ -162,7 +165,13 @@ class Engine:
         started: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._worker, args=(started,), name="ddpm-engine", daemon=True)
         self._thread.start()
-        await asyncio.wrap_future(started)
+        try:
+            await asyncio.wrap_future(started)
+        except asyncio.CancelledError:  # startup abandoned: the worker exits once its warm-up is done
+            with self._cond:
+                self._stop = True
+                self._cond.notify_all()
+            raise
         with self._cond:
             self._accepting = True
         self.metrics.ready.set(1)
@@ -335,7 +344,11 @@ class Engine:
             self._shutdown()
 
     def _warm_up(self) -> None:
-        """Forwards at one row and at a full batch (allocators, oneDNN primitives); seeds the step-time estimate."""
+        """Trace (``jit``), then forwards at one row and at a full batch (allocators, oneDNN primitives).
+
+        The full-batch forward seeds the step-time estimate used for retry-after.
+        """
+        self._forward.prepare(self.settings.max_batch_rows)
         spec = self.model.spec
         shape = (spec.channels, spec.image_size, spec.image_size)
         t_mid = spec.num_train_timesteps // 2
@@ -343,12 +356,12 @@ class Engine:
             x = torch.randn((rows, *shape), device=self._device)
             t = torch.full((rows,), t_mid, dtype=torch.long, device=self._device)
             start = time.perf_counter()
-            predict_eps(self.model.unet, x, t, self._dtype)
+            self._forward(x, t)
             self._step_seconds = time.perf_counter() - start
 
     def _run_job(self, job: _Job) -> None:
         try:
-            eps = predict_eps(self.model.unet, job.x.to(self._device), job.t.to(self._device), self._dtype).cpu()
+            eps = self._forward(job.x.to(self._device), job.t.to(self._device)).cpu()
         except Exception as exc:  # a bad job must not kill the worker
             log.exception("predict_eps failed")
             error: BaseException = EngineError(f"UNet forward failed: {exc}")
@@ -442,7 +455,7 @@ class Engine:
                     r = e.handle.request
                     e.group = RowGroup.start(self.model, r.num_images, r.seed, r.sampler, r.steps, r.eta, self._device)
                     e.handle.admitted_at = now
-                batched_step(self.model, [e.group for e in running if e.group is not None], self._dtype)
+                batched_step(self.model, [e.group for e in running if e.group is not None], self._dtype, self._forward)
                 seconds = time.perf_counter() - r0
         except Exception as exc:  # fail this batch's requests, keep the worker alive
             log.exception("engine iteration failed")

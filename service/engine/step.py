@@ -14,6 +14,7 @@ per-row η) to DDIM rows.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -88,10 +89,16 @@ class RowGroup:
 
 
 @torch.inference_mode()
-def batched_step(model: DiffusionModel, groups: list[RowGroup], dtype: torch.dtype = torch.float32) -> None:
+def batched_step(
+    model: DiffusionModel,
+    groups: list[RowGroup],
+    dtype: torch.dtype = torch.float32,
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> None:
     """Advance every group by one step of its own sequence with one UNet forward over all rows.
 
-    Updates each group's ``x``, ``pred_x0`` and ``index`` in place. Groups that are done must not be passed.
+    ``forward(x, t)`` computes ε_θ in float32 (default: ``pipeline.predict_eps`` with ``dtype``). Updates
+    each group's ``x``, ``pred_x0`` and ``index`` in place. Groups that are done must not be passed.
     """
     if not groups:
         return
@@ -103,7 +110,7 @@ def batched_step(model: DiffusionModel, groups: list[RowGroup], dtype: torch.dty
     t = torch.tensor([g.t for g in groups for _ in range(g.rows)], dtype=torch.long, device=device)  # (B,)
     t_prev = torch.tensor([g.t_prev for g in groups for _ in range(g.rows)], dtype=torch.long, device=device)
     # 2. one forward: ε_θ(x_t, t) for all rows at their own t
-    eps = predict_eps(model.unet, x, t, dtype)
+    eps = forward(x, t) if forward is not None else predict_eps(model.unet, x, t, dtype)
     # 3. each row's z from its own generator (zeros where the step adds no noise: σ z = 0 there)
     noise = torch.cat(
         [make_noise(tuple(g.x.shape), g.generators, device) if g.draws_noise else torch.zeros_like(g.x) for g in groups]
