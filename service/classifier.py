@@ -107,7 +107,7 @@ def load_classifier(path: str | Path) -> LoadedClassifier:
 
 
 @torch.no_grad()
-def predict(model: DigitClassifier, images: torch.Tensor, batch: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+def predict(model: DigitClassifier, images: torch.Tensor, batch: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
     """(features (N, D) float64, class probabilities (N, K) float64) of images in [-1, 1], in eval mode."""
     model.eval()
     feats, probs = [], []
