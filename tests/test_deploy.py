@@ -57,6 +57,20 @@ def api_paths() -> set[str]:
     return set(create_app(Settings()).openapi()["paths"])
 
 
+# ----------------------------------------------------------------------------------------- README
+
+
+def test_readme_documents_every_setting_and_endpoint() -> None:
+    readme = (REPO / "README.md").read_text()
+    table = set(re.findall(r"^\| `(DDPM_[A-Z_]+)` \|", readme, re.M))
+    assert table == SETTINGS, f"missing {SETTINGS - table}, stale {table - SETTINGS}"
+    for path in api_paths() - {"/docs", "/redoc", "/openapi.json"}:
+        assert re.search(rf"curl[^\n]*localhost:8000{re.escape(path)}\b", readme), f"no curl example for {path}"
+    assert "curl 'localhost:8000/noise?t=300' -o x300.png" in readme
+    for link in re.findall(r"\]\(((?:docs|deploy|docker)/[^)#]+)\)", readme):
+        assert (REPO / link).exists(), link
+
+
 # ---------------------------------------------------------------------------------------- compose
 
 _VAR = re.compile(r"\$(?:(?P<dollar>\$)|\{(?P<name>[A-Za-z_]\w*)(?::?-(?P<default>[^}]*))?\}|(?P<bare>[A-Za-z_]\w*))")

@@ -76,7 +76,7 @@ function intOrNull(input) {
 
 function fmt(x) {
   if (typeof x !== "number") return String(x);
-  if (x === 0) return "0";
+  if (Number.isInteger(x)) return String(x);
   return Math.abs(x) >= 1e-3 && Math.abs(x) < 1e4 ? x.toFixed(6) : x.toExponential(4);
 }
 
@@ -209,7 +209,7 @@ async function loadModelInfo() {
     model.defaultSteps = info.default_steps ?? {};
     $("model-info").textContent =
       `${info.name} · ${info.image_shape.join("×")} · T = ${model.T} · ${info.schedule.beta_schedule} β ` +
-      `${info.schedule.beta_start}→${info.schedule.beta_end} · ${info.variance_type} · ${info.device} ${info.dtype}` +
+      `${+info.schedule.beta_start.toPrecision(4)}→${+info.schedule.beta_end.toPrecision(4)} · ${info.variance_type} · ${info.device} ${info.dtype}` +
       ` · sha256 ${info.sha256.slice(0, 12)}…`;
   } catch (err) {
     $("model-info").textContent = `model info unavailable: ${err.message}`;
