@@ -54,6 +54,8 @@ def submit(engine: EngineClient, request: GenerationRequest) -> RequestHandle:
         return engine.submit(request)
     except EngineError as exc:
         raise to_http_exception(exc) from exc
+    except ValueError as exc:  # the engine's own validation: still the client's input
+        raise HTTPException(422, str(exc)) from exc
 
 
 async def wait_for_disconnect(request: Request) -> None:

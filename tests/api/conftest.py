@@ -50,7 +50,7 @@ def make_model(folder: Path, timesteps: int = 1000, size: int = SIZE, examples: 
 class Server:
     """``python -m service serve`` in a subprocess; ``client`` talks to it."""
 
-    def __init__(self, model: Path, tmp: Path, **env: str) -> None:
+    def __init__(self, model: Path, tmp: Path, wait: bool = True, **env: str) -> None:
         self.model_dir = Path(model)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -70,7 +70,8 @@ class Server:
             [sys.executable, "-m", "service", "serve"], cwd=REPO, env=full_env, stdout=self._log, stderr=self._log
         )
         self.client = httpx.Client(base_url=self.url, timeout=60)
-        self.wait_ready()
+        if wait:
+            self.wait_ready()
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -265,3 +265,14 @@ def test_denoise_step_image_input_and_explicit_noise(server: Server) -> None:
     np.testing.assert_allclose(npy(b["noise"]), z[0])
     expected = npy(b["posterior_mean"]) + np.sqrt(b["sigma_squared"]) * 0.5
     np.testing.assert_allclose(npy(b["x_prev"]), expected, atol=1e-5)
+
+
+def test_web_page_mounted_after_the_api(server: Server) -> None:
+    from service.api.app import WEB_DIR
+
+    if not (WEB_DIR / "index.html").is_file():
+        pytest.skip("service/web/index.html not present")
+    r = server.client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert r.text == (WEB_DIR / "index.html").read_text()
+    assert server.client.get("/healthz").json() == {"status": "ok"}  # API routes win over the static mount

@@ -42,6 +42,30 @@ def raw_post(server: Server, path: str, body: dict) -> socket.socket:
     return sock
 
 
+def test_readyz_503_until_warm(model_t1000: Path, tmp_path: Path) -> None:
+    """While the engine warms up (a forward at max_batch_rows), /healthz is 200 and /readyz and /generate 503."""
+    server = Server(model_t1000, tmp_path, wait=False, DDPM_MAX_BATCH_ROWS="2048", DDPM_MAX_QUEUE_ROWS="2048")
+    seen: list[tuple[int, int, int]] = []
+
+    def probe() -> bool:
+        try:
+            ready = server.client.get("/readyz")
+            gen = server.client.post("/generate", json={"sampler": "ddim", "steps": 2})
+            seen.append((server.client.get("/healthz").status_code, ready.status_code, gen.status_code))
+        except httpx.TransportError:  # not listening yet (the checkpoint loads before the socket opens)
+            return False
+        if gen.status_code == 503:
+            assert ready.json() == {"status": "not ready"} and gen.headers["retry-after"]
+        return ready.status_code == 200
+
+    try:
+        wait_until(probe, timeout=60, interval=0.01)
+        assert (200, 503, 503) in seen, seen
+        assert seen[-1] == (200, 200, 200)
+    finally:
+        assert server.stop() == 0, server.log()
+
+
 def test_overload_gets_only_200_and_429(model_t1000: Path, tmp_path: Path) -> None:
     """A burst of 10× the queue capacity: 200s and 429s (with Retry-After) only, bounded RSS, normal service after."""
     capacity = 8
@@ -127,7 +151,7 @@ def test_sigterm_drains_in_flight_requests(model_t1000: Path, tmp_path: Path) ->
 
     def request() -> None:
         with httpx.Client(base_url=server.url, timeout=120) as c:
-            body = {"sampler": "ddpm", "steps": 1000, "num_images": 4, "format": "npy"}
+            body = {"sampler": "ddpm", "steps": 500, "num_images": 4, "format": "npy"}
             results.append(c.post("/generate", json=body))
 
     threads = [threading.Thread(target=request) for _ in range(4)]

@@ -1,0 +1,168 @@
+"""HTTP at saturation vs the engine offline, on the same work, in one run (issue 5's benchmark).
+
+Work: ``--requests`` generations of one image each, DDIM with ``--steps`` steps, issued by
+``--clients`` closed-loop clients (each sends its next request when the previous one returned).
+
+* offline: the same Engine class in this process, the clients being asyncio tasks calling
+  ``engine.submit(...)`` / ``await handle.result()`` — no HTTP, no encoding.
+* http: ``python -m service serve`` in a subprocess with the same engine settings, the clients being
+  httpx connections posting ``/generate`` (``format=npy``, the cheapest encoding).
+
+Rounds alternate offline / http (``--rounds``) so that drift in machine load hits both alike; the
+ratio of the summed throughputs is reported. Goal: http ≥ 90 % of offline.
+
+    .venv/bin/python bench/http_saturation.py --model model_store/mnist --clients 64 --requests 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from service.diffusion.checkpoint import load_model  # noqa: E402
+from service.engine.batcher import Engine, EngineSettings  # noqa: E402
+from service.engine.client import GenerationRequest  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def closed_loop(clients: int, total: int, one) -> float:
+    """Run ``total`` calls of ``one(i)`` from ``clients`` concurrent loops; return the wall time."""
+    counter = iter(range(total))
+
+    async def client() -> None:
+        for i in counter:
+            await one(i)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return time.perf_counter() - start
+
+
+async def offline(args: argparse.Namespace, engine: Engine) -> float:
+    async def one(i: int) -> None:
+        req = GenerationRequest(num_images=1, seed=i, sampler="ddim", steps=args.steps, timeout_s=3600)
+        await engine.submit(req).result()
+
+    return await closed_loop(args.clients, args.requests, one)
+
+
+async def over_http(args: argparse.Namespace, url: str) -> float:
+    limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
+    async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as client:
+
+        async def one(i: int) -> None:
+            body = {"num_images": 1, "seed": i, "sampler": "ddim", "steps": args.steps, "format": "npy"}
+            r = await client.post("/generate", json=body)
+            r.raise_for_status()
+
+        return await closed_loop(args.clients, args.requests, one)
+
+
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "DDPM_MODEL": args.model,
+        "DDPM_PORT": str(port),
+        "DDPM_DEVICE": args.device,
+        "DDPM_DTYPE": args.dtype,
+        "DDPM_MAX_BATCH_ROWS": str(args.max_batch_rows),
+        "DDPM_MAX_QUEUE_ROWS": str(max(512, args.clients)),
+        "DDPM_REQUEST_TIMEOUT_S": "3600",
+        "DDPM_THREADS": str(args.threads),
+        "DDPM_LOG_LEVEL": "warning",
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=REPO, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("server not ready")
+
+
+async def run(args: argparse.Namespace) -> dict:
+    device = args.device if args.device != "auto" else ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    model = load_model(args.model, device)
+    settings = EngineSettings(
+        max_batch_rows=args.max_batch_rows, max_queue_rows=max(512, args.clients), request_timeout_s=3600,
+        dtype=args.dtype, threads=args.threads,
+    )
+    proc, url = start_server(args)
+    results: dict[str, list[float]] = {"offline": [], "http": []}
+    try:
+        # warm both paths once (first forwards at new batch sizes, connection setup)
+        warm = argparse.Namespace(**{**vars(args), "requests": args.clients})
+        engine = Engine(model, settings)
+        await engine.start()
+        await offline(warm, engine)
+        await engine.drain()  # stop the in-process engine while the server runs: they share the CPU
+        await over_http(warm, url)
+        for r in range(args.rounds):
+            engine = Engine(model, settings)
+            await engine.start()
+            results["offline"].append(await offline(args, engine))
+            await engine.drain()
+            results["http"].append(await over_http(args, url))
+            print(f"round {r + 1}: offline {args.requests / results['offline'][-1]:.2f} img/s, "
+                  f"http {args.requests / results['http'][-1]:.2f} img/s", flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    n = args.requests * args.rounds
+    off, web = n / sum(results["offline"]), n / sum(results["http"])
+    return {
+        "model": args.model, "device": device, "dtype": args.dtype, "clients": args.clients,
+        "requests_per_round": args.requests, "rounds": args.rounds, "sampler": f"ddim-{args.steps}",
+        "max_batch_rows": args.max_batch_rows,
+        "offline_images_per_s": round(off, 3), "http_images_per_s": round(web, 3), "ratio": round(web / off, 4),
+        "offline_seconds": [round(s, 3) for s in results["offline"]],
+        "http_seconds": [round(s, 3) for s in results["http"]],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="model_store/mnist")
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--requests", type=int, default=256, help="requests per round and path")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--max-batch-rows", type=int, default=64)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the result here")
+    args = p.parse_args()
+    result = asyncio.run(run(args))
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
