@@ -135,11 +135,15 @@ async def run(args: argparse.Namespace) -> dict:
         proc.wait(60)
     n = args.requests * args.rounds
     off, web = n / sum(results["offline"]), n / sum(results["http"])
+    per_round = sorted(o / h for o, h in zip(results["offline"], results["http"], strict=True))
     return {
         "model": args.model, "device": device, "dtype": args.dtype, "clients": args.clients,
         "requests_per_round": args.requests, "rounds": args.rounds, "sampler": f"ddim-{args.steps}",
         "max_batch_rows": args.max_batch_rows,
+        "threads": args.threads,
         "offline_images_per_s": round(off, 3), "http_images_per_s": round(web, 3), "ratio": round(web / off, 4),
+        "median_round_ratio": round(per_round[len(per_round) // 2] if len(per_round) % 2 else
+                                    (per_round[len(per_round) // 2 - 1] + per_round[len(per_round) // 2]) / 2, 4),
         "offline_seconds": [round(s, 3) for s in results["offline"]],
         "http_seconds": [round(s, 3) for s in results["http"]],
     }

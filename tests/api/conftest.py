@@ -71,7 +71,11 @@ class Server:
         )
         self.client = httpx.Client(base_url=self.url, timeout=60)
         if wait:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:
+                self.stop()
+                raise
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

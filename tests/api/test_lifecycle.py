@@ -171,3 +171,16 @@ def test_sigterm_drains_in_flight_requests(model_t1000: Path, tmp_path: Path) ->
     assert all(np.load(io.BytesIO(r.content)).shape == (4, 1, SIZE, SIZE) for r in results)
     assert server.proc.wait(30) == 0, server.log()
     server.stop()
+
+
+def test_corrupt_weights_fail_startup(tmp_path: Path) -> None:
+    """The lifespan verifies the checkpoint's sha256: modified weights stop the process before it serves."""
+    from tests.api.conftest import make_model
+
+    folder = make_model(tmp_path / "bad", timesteps=10, examples=False)
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match="sha256 mismatch"):
+        Server(folder, tmp_path)
