@@ -1,0 +1,228 @@
+"""Offline throughput: the engine vs diffusers' DDPMPipeline / DDIMPipeline on the same weights and batch size.
+
+Run from the repository root::
+
+    .venv/bin/python bench/engine_offline.py --model model_store/mnist --images 64 --threads 1
+
+For each precision the same ``--images`` images go through
+
+* diffusers: ``UNet2DModel`` loaded with our state dict (same keys), ``DDIMPipeline`` for DDIM-50 and the
+  ``DDPMPipeline`` loop (``unet(x, t).sample`` → ``scheduler.step``) for DDPM-1000, under
+  ``torch.autocast`` for bf16;
+* the engine: one request of ``--images`` rows (so one UNet forward of that many rows per step), eager
+  (``jit=False``) and traced + frozen (``jit=True``).
+
+DDIM-50 runs to completion once per configuration. DDPM-1000 is timed in ``--rounds`` interleaved rounds
+(configurations alternate, so a change in background load hits all of them) of ``--ddpm-steps`` steps of
+the 1000-step loop after one untimed step; the median step time is extrapolated to 1000 steps (every step
+costs the same forward + update, and the whole loop at 64 images would take ~15 min per configuration on
+this CPU). Rates are image-steps/s; images/s follow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from service.diffusion.checkpoint import CheckpointError, DiffusionModel, load_model
+from service.engine.batcher import Engine, EngineSettings
+from service.engine.client import EngineError, GenerationRequest
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ENGINE_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+def load(path: str) -> DiffusionModel:
+    """Load the model, retrying while a training run is rewriting it (sha256 mismatch mid-write)."""
+    for attempt in range(10):
+        try:
+            return load_model(path)
+        except CheckpointError:
+            if attempt == 9:
+                raise
+            time.sleep(2)
+    raise AssertionError("unreachable")
+
+
+def diffusers_unet(model: DiffusionModel, dtype: torch.dtype) -> torch.nn.Module:
+    from diffusers import UNet2DModel
+
+    unet = UNet2DModel(**model.spec.unet.to_dict())
+    unet.load_state_dict(model.unet.state_dict(), strict=True)
+    unet = unet.eval().requires_grad_(False)
+    if dtype != torch.float32:  # the same channels_last + autocast recipe as the engine
+        unet = unet.to(memory_format=torch.channels_last)
+    return unet
+
+
+def schedulers(model: DiffusionModel):
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    s = model.spec
+    common = dict(
+        num_train_timesteps=s.num_train_timesteps, beta_start=s.beta_start, beta_end=s.beta_end,
+        beta_schedule={"linear": "linear", "cosine": "squaredcos_cap_v2"}[s.beta_schedule],
+        clip_sample=s.clip_sample, timestep_spacing="trailing",
+    )
+    return DDPMScheduler(variance_type=s.variance_type, **common), DDIMScheduler(**common)
+
+
+def autocast(dtype: torch.dtype):
+    return torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+
+def diffusers_ddim(model: DiffusionModel, dtype: torch.dtype, images: int, steps: int) -> float:
+    """Seconds for DDIMPipeline to make ``images`` images in ``steps`` steps."""
+    from diffusers import DDIMPipeline
+
+    pipe = DDIMPipeline(unet=diffusers_unet(model, dtype), scheduler=schedulers(model)[1])
+    pipe.set_progress_bar_config(disable=True)
+    with torch.inference_mode(), autocast(dtype):
+        pipe(batch_size=images, num_inference_steps=2, output_type="np")  # warm-up
+        start = time.perf_counter()
+        pipe(batch_size=images, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+             output_type="np")
+        return time.perf_counter() - start
+
+
+class DiffusersDDPM:
+    """The DDPMPipeline loop (1000 steps) over ``images`` rows, advanced a few steps at a time."""
+
+    def __init__(self, model: DiffusionModel, dtype: torch.dtype, images: int) -> None:
+        s = model.spec
+        self.unet, self.sched, self.dtype = diffusers_unet(model, dtype), schedulers(model)[0], dtype
+        self.sched.set_timesteps(s.num_train_timesteps)
+        self.gen = torch.Generator().manual_seed(0)
+        self.shape = (images, s.channels, s.image_size, s.image_size)
+        self.i, self.x = 0, torch.randn(self.shape, generator=self.gen)
+
+    def step_seconds(self, steps: int) -> float:
+        """Seconds per step over ``steps`` steps, after one untimed step."""
+        with torch.inference_mode(), autocast(self.dtype):
+            for k in range(steps + 1):
+                if k == 1:
+                    start = time.perf_counter()
+                if self.i == len(self.sched.timesteps):
+                    self.i, self.x = 0, torch.randn(self.shape, generator=self.gen)
+                t = self.sched.timesteps[self.i]
+                eps = self.unet(self.x, t).sample
+                self.x = self.sched.step(eps, t, self.x, generator=self.gen).prev_sample
+                self.i += 1
+        return (time.perf_counter() - start) / steps
+
+
+class EngineDDPM:
+    """A started engine; each measurement runs part of a fresh DDPM-1000 request of ``images`` rows, then cancels it."""
+
+    def __init__(self, model: DiffusionModel, dtype: str, jit: bool, images: int, threads: int) -> None:
+        self.images, self.T = images, model.spec.num_train_timesteps
+        self.engine = Engine(model, EngineSettings(max_batch_rows=images, max_queue_rows=images, dtype=dtype,
+                                                   threads=threads, jit=jit))
+
+    async def step_seconds(self, steps: int) -> float:
+        handle = self.engine.submit(GenerationRequest(self.images, seed=0, sampler="ddpm", steps=self.T))
+        async for event in handle.events():
+            if event.step == 1:
+                start = time.perf_counter()
+            if event.step == steps + 1:
+                break
+        seconds = (time.perf_counter() - start) / steps
+        handle.cancel()
+        with contextlib.suppress(EngineError):
+            await handle.result()
+        return seconds
+
+    async def ddim_seconds(self, steps: int) -> float:
+        await self.engine.submit(GenerationRequest(self.images, seed=1, sampler="ddim", steps=2)).result()  # warm
+        start = time.perf_counter()
+        await self.engine.submit(GenerationRequest(self.images, seed=0, sampler="ddim", steps=steps)).result()
+        return time.perf_counter() - start
+
+
+async def measure(args: argparse.Namespace) -> list[dict]:
+    """DDIM-S once per configuration, then DDPM-1000 step times in interleaved rounds (median)."""
+    configs = []
+    for name in args.dtypes.split(","):
+        dtype = DTYPES[name]
+        base = load(args.model)
+        configs.append({"impl": "diffusers", "dtype": name, "ddpm": DiffusersDDPM(base, dtype, args.images),
+                        "torch_dtype": dtype, "model": base})
+        for label, jit in (("engine", False), ("engine jit", True)):
+            eng = EngineDDPM(load(args.model), ENGINE_DTYPES[name], jit, args.images, args.threads)
+            await eng.engine.start()
+            configs.append({"impl": label, "dtype": name, "ddpm": eng})
+    try:
+        for c in configs:
+            if c["impl"] == "diffusers":
+                # on this thread (its torch thread count); the engines' workers are idle meanwhile
+                c["ddim_s"] = diffusers_ddim(c["model"], c["torch_dtype"], args.images, args.ddim_steps)
+            else:
+                c["ddim_s"] = await c["ddpm"].ddim_seconds(args.ddim_steps)
+            print(f"{c['impl']} {c['dtype']}: DDIM-{args.ddim_steps} {c['ddim_s']:.1f} s", flush=True)
+        for c in configs:
+            c["step_s"] = []
+        for r in range(args.rounds):
+            for c in configs if r % 2 == 0 else configs[::-1]:
+                ddpm = c["ddpm"]
+                if isinstance(ddpm, DiffusersDDPM):
+                    c["step_s"].append(ddpm.step_seconds(args.ddpm_steps))
+                else:
+                    c["step_s"].append(await ddpm.step_seconds(args.ddpm_steps))
+            print(f"round {r + 1}/{args.rounds} done", flush=True)
+    finally:
+        for c in configs:
+            if isinstance(c["ddpm"], EngineDDPM):
+                await c["ddpm"].engine.drain(timeout_s=5)
+    return configs
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="model_store/mnist")
+    p.add_argument("--images", type=int, default=64)
+    p.add_argument("--ddim-steps", type=int, default=50)
+    p.add_argument("--ddpm-steps", type=int, default=5, help="timed steps of the 1000-step DDPM loop per round")
+    p.add_argument("--rounds", type=int, default=4, help="interleaved rounds of DDPM timing (median reported)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for every configuration")
+    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    T = load(args.model).spec.num_train_timesteps
+    rows = []
+    for c in asyncio.run(measure(args)):
+        per_step = statistics.median(c["step_s"])
+        row = {
+            "impl": c["impl"], "dtype": c["dtype"],
+            "ddim_images_per_s": args.images / c["ddim_s"],
+            "ddim_image_steps_per_s": args.images * args.ddim_steps / c["ddim_s"],
+            "ddpm_images_per_s": args.images / (per_step * T),
+            "ddpm_image_steps_per_s": args.images / per_step,
+            "ddpm_step_s_rounds": c["step_s"],
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base = next(r for r in rows if r["impl"] == "diffusers" and r["dtype"] == "fp32")
+    print(f"\n{args.images} images, batch {args.images}, {args.threads} thread(s); DDPM-1000 extrapolated from the "
+          f"median of {args.rounds} interleaved rounds of {args.ddpm_steps} steps\n")
+    print(f"| implementation | dtype | DDIM-{args.ddim_steps} images/s | DDPM-1000 images/s | image-steps/s (DDPM) "
+          "| × diffusers fp32 (DDIM / DDPM) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['impl']} | {r['dtype']} | {r['ddim_images_per_s']:.2f} | {r['ddpm_images_per_s']:.3f} | "
+              f"{r['ddpm_image_steps_per_s']:.0f} | {r['ddim_images_per_s'] / base['ddim_images_per_s']:.2f} / "
+              f"{r['ddpm_images_per_s'] / base['ddpm_images_per_s']:.2f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
