@@ -439,13 +439,14 @@ async function denoiseStep() {
   return rev.t >= 0;
 }
 
-async function stepFrames() {
+/** `steps per frame` calls in a row (fewer if `keepGoing` turns false, e.g. Pause was pressed). */
+async function stepFrames(keepGoing = () => true) {
   if (rev.busy) return false;
   rev.busy = true;
   try {
     const stride = Math.max(1, Number($("rev-stride").value) || 1);
     let more = true;
-    for (let i = 0; i < stride && more; i++) more = await denoiseStep();
+    for (let i = 0; i < stride && more && keepGoing(); i++) more = await denoiseStep();
     showError($("rev-error"), "");
     return more;
   } catch (err) {
@@ -457,15 +458,25 @@ async function stepFrames() {
 }
 
 async function togglePlay() {
-  rev.playing = !rev.playing;
-  $("rev-play").textContent = rev.playing ? "Pause" : "Play";
-  while (rev.playing) {
-    const more = await stepFrames();
-    if (!more) break;
+  const button = $("rev-play");
+  if (rev.playing) {
+    rev.playing = false; // the loop below stops after the step in flight
+    button.disabled = true;
+    button.textContent = "Pausing…";
+    return;
+  }
+  rev.playing = true;
+  button.textContent = "Pause";
+  $("rev-step").disabled = true;
+  $("rev-start").disabled = true;
+  while (rev.playing && (await stepFrames(() => rev.playing))) {
     await new Promise((r) => requestAnimationFrame(r));
   }
   rev.playing = false;
-  $("rev-play").textContent = "Play";
+  button.textContent = "Play";
+  button.disabled = rev.t < 0;
+  $("rev-step").disabled = rev.t < 0;
+  $("rev-start").disabled = false;
 }
 
 /* ----------------------------------------------------------------- wiring */

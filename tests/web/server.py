@@ -54,7 +54,7 @@ def running_server(model_dir: Path, timeout_s: float = 120.0, **settings: object
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DDPM_")}
     env.update({"DDPM_MODEL": str(model_dir), "DDPM_HOST": "127.0.0.1", "DDPM_PORT": str(port),
-                "DDPM_DEVICE": "cpu", "DDPM_LOG_LEVEL": "warning"})
+                "DDPM_DEVICE": "cpu", "DDPM_LOG_LEVEL": "warning", "DDPM_THREADS": "1"})
     env.update({f"DDPM_{k.upper()}": str(v) for k, v in settings.items()})
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=REPO, env=env, stdout=log, stderr=log)

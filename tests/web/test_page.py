@@ -106,7 +106,10 @@ def _generate_while_queue_is_full(page: Page, base: str) -> tuple[str, str]:
     body = {"num_images": QUEUE_ROWS, "sampler": "ddpm", "steps": 1000, "seed": 0}
     with httpx.Client(timeout=30) as client, client.stream("POST", f"{base}/generate/stream", json=body) as stream:
         assert stream.status_code == 200
-        for line in stream.iter_lines():  # the first progress event: all QUEUE_ROWS rows are running
+        # Keep the iterator: a `for` loop directly over stream.iter_lines() that breaks closes the generator,
+        # and with it the connection, which cancels the request.
+        lines = stream.iter_lines()
+        for line in lines:  # the first progress event: all QUEUE_ROWS rows are running
             if line == "event: progress":
                 break
         click(page, "#gen-run")
@@ -121,7 +124,7 @@ def test_queue_full_shows_429(page: Page) -> None:
     base = page.eval("location.origin")
     set_value(page, "#gen-num", 1)
     set_value(page, "#gen-steps", 5)
-    for _ in range(5):  # the blocker runs ~1 s on an idle machine; retry if it finished before the click
+    for _ in range(3):  # DDPM-1000 of the tiny model takes ~1 s on an idle machine: retry if it finished first
         progress, message = _generate_while_queue_is_full(page, base)
         if progress == "failed":
             break
@@ -199,3 +202,27 @@ def test_reverse_stepping_advances_t(page: Page) -> None:
     time.sleep(0.3)
     assert int(text(page, "#rev-t")) == t_paused
     assert page.eval("document.getElementById('rev-error').hidden") is True
+
+
+def test_cancel_stops_the_request_on_the_server(page: Page) -> None:
+    base = page.eval("location.origin")
+
+    def evicted() -> float:
+        line = next(x for x in httpx.get(f"{base}/metrics").text.splitlines()
+                    if x.startswith('ddpm_rows_evicted_total{reason="cancelled"}'))
+        return float(line.split()[-1])
+
+    before = evicted()
+    set_value(page, "#gen-num", 2)
+    set_value(page, "#gen-sampler", "ddpm", "change")
+    set_value(page, "#gen-steps", 1000)
+    click(page, "#gen-run")
+    page.wait_for("document.getElementById('gen-progress').value >= 1")
+    assert page.eval("document.getElementById('gen-cancel').disabled") is False
+    click(page, "#gen-cancel")
+    page.wait_for("document.getElementById('gen-progress-text').textContent === 'cancelled'")
+    assert page.eval("document.getElementById('gen-run').disabled") is False
+    deadline = time.monotonic() + 20
+    while evicted() < before + 2:  # the server dropped both rows of the abandoned request
+        assert time.monotonic() < deadline, "closing the stream did not cancel the request"
+        time.sleep(0.05)
