@@ -111,6 +111,29 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that sidesteps PyTorch's slow CPU kernel for small channels_last feature maps.
+
+    For a channels_last input with H·W < 1024, ATen's CPU kernel parallelises over (batch, group)
+    and walks C/G channels at a time; with fewer than 16 channels per group that runs ~5-10× slower
+    than the contiguous kernel (e.g. 5 ms vs 0.6 ms for bf16 (32, 64, 28, 28), 8 groups). Such
+    inputs are normalised in contiguous layout and handed back as channels_last. Values are the
+    same kernel's; contiguous (default fp32) inputs take the plain path.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, c, h, w = x.shape
+        if h * w < 1024 and c // self.num_groups < 16 and not x.is_contiguous():
+            out = F.group_norm(x.contiguous(), self.num_groups, self.weight, self.bias, self.eps)
+            return out.contiguous(memory_format=torch.channels_last)
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def _scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x / factor``, skipping the elementwise pass when the factor is 1 (the DDPM default)."""
+    return x if factor == 1.0 else x / factor
+
+
 class ResnetBlock2D(nn.Module):
     """GroupNorm → SiLU → conv, + projected time embedding, GroupNorm → SiLU → dropout → conv, + skip."""
 
@@ -119,10 +142,10 @@ class ResnetBlock2D(nn.Module):
         output_scale_factor: float = 1.0,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
+        self.norm1 = GroupNorm(groups, in_ch, eps=eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_ch, out_ch)
-        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
+        self.norm2 = GroupNorm(groups, out_ch, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
@@ -133,7 +156,7 @@ class ResnetBlock2D(nn.Module):
         h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]  # (B, C, 1, 1)
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         skip = self.conv_shortcut(x) if self.conv_shortcut is not None else x
-        return (skip + h) / self.output_scale_factor
+        return _scaled(skip + h, self.output_scale_factor)
 
 
 class Attention(nn.Module):
@@ -144,7 +167,7 @@ class Attention(nn.Module):
     ) -> None:
         super().__init__()
         self.heads = ch // head_dim if head_dim else 1
-        self.group_norm = nn.GroupNorm(groups, ch, eps=eps)
+        self.group_norm = GroupNorm(groups, ch, eps=eps)
         self.to_q = nn.Linear(ch, ch)
         self.to_k = nn.Linear(ch, ch)
         self.to_v = nn.Linear(ch, ch)
@@ -162,7 +185,7 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(b, h * w, c)  # (B, HW, C)
         out = self.to_out[1](self.to_out[0](out))
         out = out.transpose(1, 2).reshape(b, c, h, w)  # (B, C, H, W)
-        return (out + x) / self.rescale_output_factor
+        return _scaled(out + x, self.rescale_output_factor)
 
 
 class Downsample2D(nn.Module):
@@ -291,7 +314,7 @@ class UNet(nn.Module):
                 UpBlock(config, in_ch, prev_ch, out_ch, temb_ch, kind == "AttnUpBlock2D", not final)
             )
 
-        self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, chs[0], eps=config.norm_eps)
+        self.conv_norm_out = GroupNorm(config.norm_num_groups, chs[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(chs[0], config.out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
