@@ -184,6 +184,31 @@ async def measure(args: argparse.Namespace) -> list[dict]:
     return configs
 
 
+def forward_scaling(args: argparse.Namespace) -> None:
+    """Milliseconds per engine forward (bf16, traced) against rows per forward: where batching stops paying."""
+    from service.diffusion.pipeline import prepare_unet
+    from service.engine.runner import UNetRunner
+
+    model = load(args.model)
+    prepare_unet(model, torch.bfloat16)
+    runner = UNetRunner(model, torch.bfloat16, jit=True)
+    runner.prepare(max(args.scaling))
+    s = model.spec
+    times: dict[int, list[float]] = {b: [] for b in args.scaling}
+    for _ in range(3):  # interleaved rounds, median reported
+        for b in args.scaling:
+            x, t = torch.randn(b, s.channels, s.image_size, s.image_size), torch.randint(0, 1000, (b,))
+            runner(x, t)
+            start = time.perf_counter()
+            for _ in range(3):
+                runner(x, t)
+            times[b].append((time.perf_counter() - start) / 3)
+    print("| rows per forward | ms per forward | image-steps/s |\n|---|---|---|")
+    for b, v in times.items():
+        ms = statistics.median(v) * 1000
+        print(f"| {b} | {ms:.0f} | {b / ms * 1000:.0f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="model_store/mnist")
@@ -194,8 +219,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads for every configuration")
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--scaling", type=lambda v: [int(b) for b in v.split(",")], default=None,
+                   help="only time the bf16 traced forward at these rows per forward, e.g. 1,2,4,8,16,32")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.scaling:
+        forward_scaling(args)
+        return
     T = load(args.model).spec.num_train_timesteps
     rows = []
     for c in asyncio.run(measure(args)):

@@ -232,7 +232,10 @@ class Engine:
         return handle
 
     async def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """One UNet forward ε_θ(x_t, t) on the worker (between iterations); float32 CPU result."""
+        """One UNet forward ε_θ(x_t, t) on the worker (between iterations); float32 CPU result.
+
+        Waiting calls are bounded by ``max_queue_rows`` rows (QueueFullError beyond), separately from generation.
+        """
         spec = self.model.spec
         shape = (spec.channels, spec.image_size, spec.image_size)
         if x_t.ndim != 4 or tuple(x_t.shape[1:]) != shape:
@@ -246,6 +249,13 @@ class Engine:
         with self._cond:
             if not self._accepting:
                 raise EngineNotReadyError("the engine is not accepting requests (starting, draining or stopped)")
+            waiting = sum(j.x.shape[0] for j in self._jobs)
+            if waiting + x_t.shape[0] > self.settings.max_queue_rows:
+                self._counts["rejected"] += 1
+                raise QueueFullError(
+                    f"{waiting} rows of predict_eps calls are waiting; max_queue_rows={self.settings.max_queue_rows}",
+                    max(self._step_seconds, 1e-3) * (1 + waiting // self.settings.max_batch_rows),
+                )
             self._jobs.append(job)
             self._cond.notify_all()
         return await job.future

@@ -309,3 +309,14 @@ def test_bfloat16_engine_runs_the_unet_under_autocast(tiny_model: DiffusionModel
     torch.testing.assert_close(bf16.images, expected, atol=1e-4, rtol=0)
     fp32 = sample(tiny_model, 2, 5, "ddim", 10)
     assert (bf16.images - fp32).abs().max() > 1e-3  # really ran in reduced precision
+
+
+def test_predict_eps_calls_are_bounded_too(tiny_model: DiffusionModel, run_engine) -> None:
+    async def body(engine: Engine) -> tuple:
+        with pytest.raises(QueueFullError) as err:
+            await engine.predict_eps(torch.zeros(5, 1, 8, 8), torch.zeros(5, dtype=torch.long))
+        ok = await engine.predict_eps(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long))
+        return err.value.retry_after_s, ok.shape
+
+    retry, shape = run_engine(body, max_batch_rows=4, max_queue_rows=4)
+    assert retry > 0 and shape == (4, 1, 8, 8)
