@@ -7,7 +7,7 @@ import torch
 from diffusers import UNet2DModel
 from diffusers.models.embeddings import get_timestep_embedding
 
-from service.diffusion.unet import UNet, UNetConfig, convert_legacy_attention_keys, timestep_embedding
+from service.diffusion.unet import GroupNorm, UNet, UNetConfig, convert_legacy_attention_keys, timestep_embedding
 
 # google/ddpm-cifar10-32 (Ho et al. 2020, appendix B): 35.7M parameters, attention at 16×16, one head.
 CIFAR10 = {
@@ -167,3 +167,23 @@ def test_config_round_trips_through_dict() -> None:
         UNetConfig.from_dict({**SMALL, "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")})
     with pytest.raises(ValueError, match="differ in length"):
         UNetConfig.from_dict({**SMALL, "block_out_channels": (32, 64)})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("shape", "groups"), [((2, 16, 7, 7), 4), ((2, 64, 14, 14), 8), ((1, 64, 32, 32), 2)])
+def test_group_norm_is_layout_independent(dtype: torch.dtype, shape: tuple[int, ...], groups: int) -> None:
+    """Our GroupNorm (contiguous kernel for small channels_last maps) equals nn.GroupNorm in both layouts."""
+    ours, ref = GroupNorm(groups, shape[1], eps=1e-6), torch.nn.GroupNorm(groups, shape[1], eps=1e-6)
+    with torch.no_grad():
+        ours.weight.normal_()
+        ours.bias.normal_()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(shape).to(dtype)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    expected = ref.to(dtype)(x)
+    cl = torch.channels_last
+    for inp in (x, x_cl):
+        out = ours.to(dtype)(inp)
+        assert out.is_contiguous(memory_format=cl) == inp.is_contiguous(memory_format=cl)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(out, expected, rtol=tol, atol=tol)
