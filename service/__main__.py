@@ -68,6 +68,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from service.imaging import grid, png_bytes
     from service.progress import Progress
 
+    out = Path(args.out)
+    if out.suffix not in (".npy", ".png"):
+        raise SystemExit(f"--out must end in .npy or .png, got {out}")
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model, _device(args.device))
@@ -76,21 +79,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     init = None
     if args.init_noise:
         init = torch.from_numpy(np.load(args.init_noise, allow_pickle=False)).float()
+    num = args.num or (init.shape[0] if init is not None else 16)
     steps = args.steps or (model.spec.num_train_timesteps if args.sampler == "ddpm" else 50)
-    batch = args.batch or args.num
-    bar = Progress(steps * -(-args.num // batch), desc=f"{args.sampler}-{steps}")
-    images = sample(
-        model, args.num, args.seed, args.sampler, steps, args.eta, init, batch, dtype, progress=bar.update
-    )
+    batch = args.batch or num
+    bar = Progress(steps * -(-num // batch), desc=f"{args.sampler}-{steps}")
+    try:
+        images = sample(model, num, args.seed, args.sampler, steps, args.eta, init, batch, dtype, progress=bar.update)
+    except ValueError as exc:  # e.g. --init-noise of the wrong shape
+        raise SystemExit(f"error: {exc}") from exc
     bar.close()
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".npy":
         np.save(out, images.numpy().astype(np.float32), allow_pickle=False)
-    elif out.suffix == ".png":
-        out.write_bytes(png_bytes(grid(images)))
     else:
-        raise SystemExit(f"--out must end in .npy or .png, got {out}")
+        out.write_bytes(png_bytes(grid(images)))
     print(f"wrote {tuple(images.shape)} to {out}")
     return 0
 
@@ -179,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="generate images offline")
     s.add_argument("--model", default="model_store/mnist")
-    s.add_argument("--num", type=int, default=16)
+    s.add_argument("--num", type=int, default=None, help="default: the rows of --init-noise, else 16")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     s.add_argument("--steps", type=int, default=None, help="default: T for ddpm, 50 for ddim")

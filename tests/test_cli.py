@@ -179,7 +179,21 @@ def test_sample_bfloat16_runs_and_stays_close_to_float32(
     assert corr > 0.75 and np.abs(a - b).mean() < 0.3
 
 
-def test_sample_rejects_an_unknown_output_format(store: Path, tmp_path: Path) -> None:
+def test_sample_rejects_an_unknown_output_format_before_sampling(tmp_path: Path) -> None:
+    # checked first: the model path does not even exist
     with pytest.raises(SystemExit, match=r"\.npy or \.png"):
-        main(["sample", "--model", str(store), "--sampler", "ddim", "--steps", "1", "--num", "1",
-              "--device", "cpu", "--out", str(tmp_path / "x.jpg")])
+        main(["sample", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x.jpg")])
+    assert not (tmp_path / "x.jpg").exists()
+
+
+def test_sample_takes_num_from_init_noise_and_rejects_a_wrong_shape(store: Path, tmp_path: Path) -> None:
+    noise = tmp_path / "x_T.npy"
+    np.save(noise, np.random.default_rng(0).standard_normal((3, 1, 28, 28)).astype(np.float32))
+    out = tmp_path / "y.npy"
+    assert main(["sample", "--model", str(store), "--sampler", "ddim", "--steps", "1", "--device", "cpu",
+                 "--init-noise", str(noise), "--out", str(out)]) == 0
+    assert np.load(out).shape == (3, 1, 28, 28)
+    np.save(noise, np.zeros((2, 1, 14, 14), dtype=np.float32))
+    with pytest.raises(SystemExit, match="init noise has shape"):
+        main(["sample", "--model", str(store), "--sampler", "ddim", "--steps", "1", "--device", "cpu",
+              "--init-noise", str(noise), "--out", str(out)])
