@@ -55,6 +55,14 @@ async def closed_loop(clients: int, total: int, one) -> float:
     return time.perf_counter() - start
 
 
+def server_iterations(url: str) -> float:
+    """ddpm_engine_iterations_total of the server (UNet forwards so far)."""
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("ddpm_engine_iterations_total "):
+            return float(line.split()[1])
+    raise RuntimeError("no ddpm_engine_iterations_total in /metrics")
+
+
 async def offline(args: argparse.Namespace, engine: Engine) -> float:
     async def one(i: int) -> None:
         req = GenerationRequest(num_images=1, seed=i, sampler="ddim", steps=args.steps, timeout_s=3600)
@@ -87,6 +95,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
         "DDPM_MAX_QUEUE_ROWS": str(max(512, args.clients)),
         "DDPM_REQUEST_TIMEOUT_S": "3600",
         "DDPM_THREADS": str(args.threads),
+        "DDPM_JIT": "1" if args.jit else "0",
         "DDPM_LOG_LEVEL": "warning",
     }
     proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=REPO, env=env)
@@ -110,10 +119,11 @@ async def run(args: argparse.Namespace) -> dict:
     model = load_model(args.model, device)
     settings = EngineSettings(
         max_batch_rows=args.max_batch_rows, max_queue_rows=max(512, args.clients), request_timeout_s=3600,
-        dtype=args.dtype, threads=args.threads,
+        dtype=args.dtype, threads=args.threads, jit=args.jit,
     )
     proc, url = start_server(args)
     results: dict[str, list[float]] = {"offline": [], "http": []}
+    forwards: dict[str, float] = {"offline": 0.0, "http": 0.0}
     try:
         # warm both paths once (first forwards at new batch sizes, connection setup)
         warm = argparse.Namespace(**{**vars(args), "requests": args.clients})
@@ -126,8 +136,11 @@ async def run(args: argparse.Namespace) -> dict:
             engine = Engine(model, settings)
             await engine.start()
             results["offline"].append(await offline(args, engine))
+            forwards["offline"] += engine.stats()["iterations"]
             await engine.drain()
+            before = server_iterations(url)
             results["http"].append(await over_http(args, url))
+            forwards["http"] += server_iterations(url) - before
             print(f"round {r + 1}: offline {args.requests / results['offline'][-1]:.2f} img/s, "
                   f"http {args.requests / results['http'][-1]:.2f} img/s", flush=True)
     finally:
@@ -140,10 +153,13 @@ async def run(args: argparse.Namespace) -> dict:
         "model": args.model, "device": device, "dtype": args.dtype, "clients": args.clients,
         "requests_per_round": args.requests, "rounds": args.rounds, "sampler": f"ddim-{args.steps}",
         "max_batch_rows": args.max_batch_rows,
-        "threads": args.threads,
+        "threads": args.threads, "jit": args.jit,
         "offline_images_per_s": round(off, 3), "http_images_per_s": round(web, 3), "ratio": round(web / off, 4),
         "median_round_ratio": round(per_round[len(per_round) // 2] if len(per_round) % 2 else
                                     (per_round[len(per_round) // 2 - 1] + per_round[len(per_round) // 2]) / 2, 4),
+        # mean rows per UNet forward: how full the batches were
+        "offline_rows_per_forward": round(n * args.steps / forwards["offline"], 2),
+        "http_rows_per_forward": round(n * args.steps / forwards["http"], 2),
         "offline_seconds": [round(s, 3) for s in results["offline"]],
         "http_seconds": [round(s, 3) for s in results["http"]],
     }
@@ -160,6 +176,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--jit", action="store_true", help="traced + frozen UNet (EngineSettings.jit) on both paths")
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args()
     result = asyncio.run(run(args))

@@ -89,6 +89,7 @@ async def _start_engine(app: FastAPI, model: object, settings: Settings) -> None
             batching=settings.batching,
             dtype=settings.dtype,
             threads=settings.threads,
+            jit=settings.jit,
         ),
         metrics=app.state.engine_metrics,
     )

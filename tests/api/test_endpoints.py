@@ -123,7 +123,7 @@ def test_generate_npy_matches_offline_sampler(server: Server, model_t1000: Path)
         assert arr.dtype == np.float32 and arr.shape == (2, 1, SIZE, SIZE)
         assert arr.min() >= -1 and arr.max() <= 1
         offline = sample(load_model(model_t1000), 2, 1234, sampler, steps, eta)
-        np.testing.assert_allclose(arr, offline.numpy(), atol=1e-5)
+        np.testing.assert_allclose(arr, offline.numpy(), atol=1e-4)  # threads differ: conv sums reorder
 
 
 def test_generate_reports_random_seed_that_reproduces(server: Server) -> None:

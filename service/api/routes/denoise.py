@@ -58,7 +58,7 @@ def _x_t(body: DenoiseStepRequest, shape: tuple[int, int, int], max_pixels: int)
     "/denoise-step",
     summary="One reverse diffusion step, with all intermediates",
     response_model=DenoiseStepResponse,
-    responses=error_responses(422, 503),
+    responses=error_responses(422, 429, 503),
 )
 async def denoise_step(body: DenoiseStepRequest, engine: EngineDep, settings: SettingsDep) -> DenoiseStepResponse:
     """x_{t-1} = μ̃_t(x_t, x̂_0) + σ_t z for one x_t at 0-based timestep `t` (0..T-1).

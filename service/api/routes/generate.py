@@ -57,8 +57,13 @@ _STREAM_200 = {
 _ERRORS = error_responses(422, 429, 503, 504)
 
 
-def generation_request(body: GenerateRequest, engine: EngineClient, settings: Settings) -> GenerationRequest:
-    """Validate the body against the model and settings (422 with a readable message) and fill defaults."""
+def generation_request(
+    body: GenerateRequest, engine: EngineClient, settings: Settings, previews: bool = False
+) -> GenerationRequest:
+    """Validate the body against the model and settings (422 with a readable message) and fill defaults.
+
+    ``previews``: ask the engine for predicted-x_0 previews (only the SSE route shows them).
+    """
     big_t = engine.model_info.num_train_timesteps
     limit = min(settings.max_images_per_request, settings.max_batch_rows)
     if body.num_images > limit:
@@ -70,7 +75,7 @@ def generation_request(body: GenerateRequest, engine: EngineClient, settings: Se
     if steps > big_t:
         raise invalid("steps", f"must be in 1..{big_t} (T of this model), got {steps}")
     seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
-    every = settings.preview_every or max(1, steps // 10)
+    every = (settings.preview_every or max(1, steps // 10)) if previews else 0
     return GenerationRequest(
         num_images=body.num_images,
         seed=seed,
@@ -154,7 +159,7 @@ async def generate_stream(
     as an `error` event. Previews come every `DDPM_PREVIEW_EVERY` steps (default: about 10 per request).
     Closing the connection cancels the request.
     """
-    greq = generation_request(body, engine, settings)
+    greq = generation_request(body, engine, settings, previews=True)
     handle = submit(engine, greq)
 
     async def events() -> AsyncIterator[bytes]:
