@@ -9,8 +9,11 @@ diffusers ``UNet2DModel`` gets random weights and ours loads the same state dict
 One forward of a batch of B rows at random timesteps is one "step"; its rate is B / time, in
 image-steps per second. The three variants are timed interleaved (v1, v2, v3, v1, v2, v3, …) after
 a warm-up forward each, so machine load hits them alike; the median of ``--reps`` forwards is
-reported. The table also gives our fp32 output's max abs difference from diffusers (expected ~1e-6)
-and the bf16 output's max abs deviation from our fp32 output.
+reported. ``--clock cpu`` times each forward by the process's CPU time instead of the wall clock:
+with ``--threads 1`` that is the work a forward costs, unaffected by waiting for a core on a busy
+machine (though cache and memory-bandwidth contention from other processes still count).
+The table also gives our fp32 output's max abs difference from diffusers (expected ~1e-6) and the
+bf16 output's max abs deviation from our fp32 output.
 """
 
 from __future__ import annotations
@@ -85,8 +88,9 @@ def _models(config: dict, seed: int) -> dict[str, Callable[[torch.Tensor, torch.
     }
 
 
-def measure(name: str, batches: list[int], reps: int, seed: int = 0) -> list[dict]:
+def measure(name: str, batches: list[int], reps: int, seed: int = 0, clock: str = "wall") -> list[dict]:
     """Rows of {config, batch, <variant> rate, ratio, deviations} for one config."""
+    now = time.perf_counter if clock == "wall" else time.process_time
     config = CONFIGS[name]
     models = _models(config, seed)
     size, ch = config["sample_size"], config["in_channels"]
@@ -99,13 +103,14 @@ def measure(name: str, batches: list[int], reps: int, seed: int = 0) -> list[dic
         times: dict[str, list[float]] = {v: [] for v in VARIANTS}
         for _ in range(reps):
             for v in VARIANTS:
-                start = time.perf_counter()
+                start = now()
                 models[v](x, t)
-                times[v].append(time.perf_counter() - start)
+                times[v].append(now() - start)
         rate = {v: batch / statistics.median(times[v]) for v in VARIANTS}
         rows.append({
             "config": name,
             "batch": batch,
+            "clock": clock,
             **{f"{v} [img-steps/s]": round(rate[v], 2) for v in VARIANTS},
             "bf16 / diffusers fp32": round(rate["ours bf16"] / rate["diffusers fp32"], 2),
             "fp32 / diffusers fp32": round(rate["ours fp32"] / rate["diffusers fp32"], 2),
@@ -134,9 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.unet_throughput", description=__doc__.split("\n")[0])
     p.add_argument("--configs", default="cifar10,small", help="comma-separated: " + ",".join(CONFIGS))
     p.add_argument("--batches", default="1,8,32")
-    p.add_argument("--reps", type=int, default=5, help="timed forwards per variant and batch (median reported)")
-    p.add_argument("--small-reps", type=int, default=20, help="--reps for the small config (cheap forwards)")
+    p.add_argument("--reps", type=int, default=3, help="timed forwards per variant and batch (median reported)")
+    p.add_argument("--small-reps", type=int, default=10, help="--reps for the small config (cheap forwards)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: elapsed time; cpu: process CPU time (use with --threads 1 on a busy machine)")
     p.add_argument("--json", default=None, help="also write the rows here")
     args = p.parse_args(argv)
     if args.threads:
@@ -146,11 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with nullcontext():
         for name in args.configs.split(","):
-            rows += measure(name, batches, args.small_reps if name == "small" else args.reps)
+            rows += measure(name, batches, args.small_reps if name == "small" else args.reps, clock=args.clock)
     elapsed = (datetime.now(UTC) - started).total_seconds()
     print()
     print(f"{started:%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}, {elapsed:.0f} s")
+          f"{args.clock} clock, {platform.processor() or platform.machine()}, {elapsed:.0f} s")
     print(markdown(rows))
     if args.json:
         with open(args.json, "w") as f:
