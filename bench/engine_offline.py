@@ -185,13 +185,13 @@ async def measure(args: argparse.Namespace) -> list[dict]:
 
 
 def forward_scaling(args: argparse.Namespace) -> None:
-    """Milliseconds per engine forward (bf16, traced) against rows per forward: where batching stops paying."""
+    """Milliseconds per engine forward (bf16, eager) against rows per forward: where batching stops paying."""
     from service.diffusion.pipeline import prepare_unet
     from service.engine.runner import UNetRunner
 
     model = load(args.model)
     prepare_unet(model, torch.bfloat16)
-    runner = UNetRunner(model, torch.bfloat16, jit=True)
+    runner = UNetRunner(model, torch.bfloat16, jit=False)
     runner.prepare(max(args.scaling))
     s = model.spec
     times: dict[int, list[float]] = {b: [] for b in args.scaling}
@@ -220,7 +220,7 @@ def main() -> None:
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--scaling", type=lambda v: [int(b) for b in v.split(",")], default=None,
-                   help="only time the bf16 traced forward at these rows per forward, e.g. 1,2,4,8,16,32")
+                   help="only time the bf16 eager forward at these rows per forward, e.g. 1,2,4,8,16,32")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.scaling:

@@ -9,10 +9,10 @@ Run from the repository root::
 2. One arrival trace (seeded): exponential inter-arrival times at ``--load`` × capacity for ``--duration``
    seconds; each request draws its sampler steps and image count from the mix (DDIM, 10/20/50 steps,
    1/2/4 images by default — sized to this 2-core CPU).
-3. The same trace is replayed, in process (no HTTP), against the engine with ``batching="step"`` and with
-   ``batching="request"``. Latency is completion minus the scheduled arrival time, so a late submission
-   counts against the engine. The asyncio event-loop lag (how late a 10 ms timer fires) is recorded too,
-   to check that the worker thread does not starve the loop.
+3. The same trace is replayed, in process (no HTTP; bf16, eager UNet by default), against the engine with
+   ``batching="step"`` and with ``batching="request"``. Latency is completion minus the scheduled arrival
+   time, so a late submission counts against the engine. The asyncio event-loop lag (how late a 10 ms
+   timer fires) is recorded too, to check that the worker thread does not starve the loop.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def main() -> None:
     p.add_argument("--max-queue-rows", type=int, default=4096)
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--jit", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--jit", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--calibration-work", type=int, default=2000, help="image-steps in the capacity burst")
     p.add_argument("--capacity", type=float, default=None, help="image-steps/s; skip the measurement")

@@ -73,7 +73,7 @@ class EngineSettings:
     batching: Literal["step", "request"] = "step"  # "request" = baseline request-level batching
     dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast; channels_last)
     threads: int = 0  # torch intra-op threads for the worker (0 = leave torch's default)
-    jit: bool = False  # trace + freeze the UNet (TorchScript) at start: faster on CPU, not bit-equal to eager
+    jit: bool = False  # trace + freeze the UNet (TorchScript) at start; measure first (engine/runner.py)
 
     def __post_init__(self) -> None:
         if self.max_batch_rows < 1:
