@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -53,6 +54,18 @@ async def closed_loop(clients: int, total: int, one) -> float:
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     return time.perf_counter() - start
+
+
+def own_cpu() -> float:
+    """CPU seconds (user + system) used by this process so far."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used by process ``pid`` so far (/proc/PID/stat fields 14, 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def server_iterations(url: str) -> float:
@@ -124,6 +137,7 @@ async def run(args: argparse.Namespace) -> dict:
     proc, url = start_server(args)
     results: dict[str, list[float]] = {"offline": [], "http": []}
     forwards: dict[str, float] = {"offline": 0.0, "http": 0.0}
+    cpu: dict[str, float] = {"offline": 0.0, "http_server": 0.0, "http_client": 0.0}
     try:
         # warm both paths once (first forwards at new batch sizes, connection setup)
         warm = argparse.Namespace(**{**vars(args), "requests": args.clients})
@@ -135,11 +149,16 @@ async def run(args: argparse.Namespace) -> dict:
         for r in range(args.rounds):
             engine = Engine(model, settings)
             await engine.start()
+            c0 = own_cpu()
             results["offline"].append(await offline(args, engine))
+            cpu["offline"] += own_cpu() - c0
             forwards["offline"] += engine.stats()["iterations"]
             await engine.drain()
             before = server_iterations(url)
+            c0, s0 = own_cpu(), process_cpu(proc.pid)
             results["http"].append(await over_http(args, url))
+            cpu["http_client"] += own_cpu() - c0
+            cpu["http_server"] += process_cpu(proc.pid) - s0
             forwards["http"] += server_iterations(url) - before
             print(f"round {r + 1}: offline {args.requests / results['offline'][-1]:.2f} img/s, "
                   f"http {args.requests / results['http'][-1]:.2f} img/s", flush=True)
@@ -160,6 +179,10 @@ async def run(args: argparse.Namespace) -> dict:
         # mean rows per UNet forward: how full the batches were
         "offline_rows_per_forward": round(n * args.steps / forwards["offline"], 2),
         "http_rows_per_forward": round(n * args.steps / forwards["http"], 2),
+        # CPU per image: offline = engine + in-process clients; http = server process, and the httpx clients
+        "offline_cpu_ms_per_image": round(1000 * cpu["offline"] / n, 1),
+        "http_server_cpu_ms_per_image": round(1000 * cpu["http_server"] / n, 1),
+        "http_client_cpu_ms_per_image": round(1000 * cpu["http_client"] / n, 1),
         "offline_seconds": [round(s, 3) for s in results["offline"]],
         "http_seconds": [round(s, 3) for s in results["http"]],
     }
