@@ -12,6 +12,31 @@ from service.diffusion.unet import UNet, UNetConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
+# diffusers UNet2DModel kwargs: the project's 28×28 architecture with the original DDPM options
+SMALL_DDPM_UNET = {
+    "sample_size": 28,
+    "in_channels": 1,
+    "out_channels": 1,
+    "block_out_channels": (32, 64, 128),
+    "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "freq_shift": 1,
+    "flip_sin_to_cos": False,
+    "downsample_padding": 0,
+    "norm_eps": 1e-6,
+}
+
+
+@pytest.fixture
+def one_thread():
+    """Small models run fastest on one intra-op thread (and leave the other core to other work)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 def tiny_unet_config(size: int = 8, channels: int = 1) -> UNetConfig:
     """A 2-level UNet with attention at the lower level; a forward takes about a millisecond."""

@@ -17,23 +17,11 @@ from PIL import Image
 from service.__main__ import main
 from service.diffusion.checkpoint import load_model, sha256_file
 from service.imaging import grid, to_uint8
+from tests.conftest import SMALL_DDPM_UNET
 
 REPO = Path(__file__).resolve().parents[1]
 # the project's 28×28 config with the DDPM options
-SMALL = {
-    "sample_size": 28,
-    "in_channels": 1,
-    "out_channels": 1,
-    "block_out_channels": (32, 64, 128),
-    "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-    "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "freq_shift": 1,
-    "flip_sin_to_cos": False,
-    "downsample_padding": 0,
-    "norm_eps": 1e-6,
-}
+SMALL = SMALL_DDPM_UNET
 N = 4
 
 

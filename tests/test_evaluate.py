@@ -82,13 +82,7 @@ def test_shape_errors() -> None:
         feature_stats(np.zeros((1, 4)))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small CNN batches run fastest on one intra-op thread (and leave the other core to a training job)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- FLD on real digits ------------------------------------------------------------------------

@@ -18,21 +18,10 @@ from tests.conftest import REPO
 ENTRY = REPO / "model_store" / "mnist"
 MNIST = REPO.parent / "shared" / "data" / "mnist"
 IMAGES, LABELS = MNIST / "t10k-images-idx3-ubyte.gz", MNIST / "t10k-labels-idx1-ubyte.gz"
-needs_weights = pytest.mark.skipif(
-    not (ENTRY / "model.safetensors").is_file(), reason=f"{ENTRY}/model.safetensors not written yet (training)"
-)
 needs_mnist = pytest.mark.skipif(not IMAGES.is_file(), reason=f"MNIST digits not found at {MNIST}")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@needs_weights
 def test_entry_loads_and_its_hash_verifies() -> None:
     config = json.loads((ENTRY / "config.json").read_text())
     model = load_model(ENTRY)
@@ -43,7 +32,6 @@ def test_entry_loads_and_its_hash_verifies() -> None:
     assert (ENTRY / "model.safetensors").stat().st_size <= 25 * 2**20
 
 
-@needs_weights
 def test_sample_command_makes_digit_shaped_images(tmp_path: Path) -> None:
     from service.__main__ import main
 

@@ -8,6 +8,7 @@ from diffusers import UNet2DModel
 from diffusers.models.embeddings import get_timestep_embedding
 
 from service.diffusion.unet import GroupNorm, UNet, UNetConfig, convert_legacy_attention_keys, timestep_embedding
+from tests.conftest import SMALL_DDPM_UNET
 
 # google/ddpm-cifar10-32 (Ho et al. 2020, appendix B): 35.7M parameters, attention at 16×16, one head.
 CIFAR10 = {
@@ -25,20 +26,7 @@ CIFAR10 = {
     "attention_head_dim": None,
 }
 # the project's 28×28 model: (32, 64, 128), one block per level, attention at 7×7
-SMALL = {
-    "sample_size": 28,
-    "in_channels": 1,
-    "out_channels": 1,
-    "block_out_channels": (32, 64, 128),
-    "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-    "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "freq_shift": 1,
-    "flip_sin_to_cos": False,
-    "downsample_padding": 0,
-    "norm_eps": 1e-6,
-}
+SMALL = SMALL_DDPM_UNET
 # diffusers' defaults for the options the DDPM config sets otherwise, and two attention heads
 SMALL_DEFAULTS = {
     **SMALL,
