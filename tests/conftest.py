@@ -7,26 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.unet_throughput import CONFIGS as UNET_CONFIGS
 from service.diffusion.checkpoint import DiffusionModel, ModelSpec, load_model, save_model
 from service.diffusion.unet import UNet, UNetConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
 # diffusers UNet2DModel kwargs: the project's 28×28 architecture with the original DDPM options
-SMALL_DDPM_UNET = {
-    "sample_size": 28,
-    "in_channels": 1,
-    "out_channels": 1,
-    "block_out_channels": (32, 64, 128),
-    "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-    "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-    "layers_per_block": 1,
-    "norm_num_groups": 8,
-    "freq_shift": 1,
-    "flip_sin_to_cos": False,
-    "downsample_padding": 0,
-    "norm_eps": 1e-6,
-}
+SMALL_DDPM_UNET = UNET_CONFIGS["small"]
 
 
 @pytest.fixture

@@ -8,23 +8,10 @@ from diffusers import UNet2DModel
 from diffusers.models.embeddings import get_timestep_embedding
 
 from service.diffusion.unet import GroupNorm, UNet, UNetConfig, convert_legacy_attention_keys, timestep_embedding
-from tests.conftest import SMALL_DDPM_UNET
+from tests.conftest import SMALL_DDPM_UNET, UNET_CONFIGS
 
 # google/ddpm-cifar10-32 (Ho et al. 2020, appendix B): 35.7M parameters, attention at 16×16, one head.
-CIFAR10 = {
-    "sample_size": 32,
-    "in_channels": 3,
-    "out_channels": 3,
-    "block_out_channels": (128, 256, 256, 256),
-    "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-    "layers_per_block": 2,
-    "freq_shift": 1,
-    "flip_sin_to_cos": False,
-    "downsample_padding": 0,
-    "norm_eps": 1e-6,
-    "attention_head_dim": None,
-}
+CIFAR10 = UNET_CONFIGS["cifar10"]
 # the project's 28×28 model: (32, 64, 128), one block per level, attention at 7×7
 SMALL = SMALL_DDPM_UNET
 # diffusers' defaults for the options the DDPM config sets otherwise, and two attention heads
