@@ -26,9 +26,12 @@ import asyncio
 import contextlib
 import json
 import statistics
+import threading
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -38,6 +41,7 @@ from service.engine.client import EngineError, GenerationRequest
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ENGINE_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+R = TypeVar("R")
 
 
 def load(path: str) -> DiffusionModel:
@@ -119,36 +123,71 @@ class DiffusersDDPM:
         return (time.perf_counter() - start) / steps
 
 
-class EngineDDPM:
-    """A started engine; each measurement runs part of a fresh DDPM-1000 request of ``images`` rows, then cancels it."""
+def on_own_thread(fn: Callable[[], R], threads: int) -> R:
+    """``fn()`` on a new thread with ``threads`` torch threads; the thread, and its OpenMP team, ends with it.
 
-    def __init__(self, model: DiffusionModel, dtype: str, jit: bool, images: int, threads: int) -> None:
-        self.images, self.T = images, model.spec.num_train_timesteps
-        self.engine = Engine(model, EngineSettings(max_batch_rows=images, max_queue_rows=images, dtype=dtype,
-                                                   threads=threads, jit=jit))
+    Every configuration runs this way (diffusers here, the engine on its worker), one at a time, so the
+    process never holds two multi-threaded OpenMP teams: libgomp stops spin-waiting once it has more
+    OpenMP threads than CPUs, which slows every forward down (service/engine/batcher.py, "Threads").
+    """
+    out: dict[str, object] = {}
 
-    async def step_seconds(self, steps: int) -> float:
-        handle = self.engine.submit(GenerationRequest(self.images, seed=0, sampler="ddpm", steps=self.T))
-        async for event in handle.events():
-            if event.step == 1:
-                start = time.perf_counter()
-            if event.step == steps + 1:
-                break
-        seconds = (time.perf_counter() - start) / steps
-        handle.cancel()
-        with contextlib.suppress(EngineError):
-            await handle.result()
-        return seconds
+    def target() -> None:
+        torch.set_num_threads(threads)
+        try:
+            out["value"] = fn()
+        except BaseException as exc:  # re-raised on the caller
+            out["error"] = exc
 
-    async def ddim_seconds(self, steps: int) -> float:
-        await self.engine.submit(GenerationRequest(self.images, seed=1, sampler="ddim", steps=2)).result()  # warm
-        start = time.perf_counter()
-        await self.engine.submit(GenerationRequest(self.images, seed=0, sampler="ddim", steps=steps)).result()
-        return time.perf_counter() - start
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]  # type: ignore[misc]
+    return out["value"]  # type: ignore[return-value]
+
+
+@contextlib.asynccontextmanager
+async def running_engine(model: DiffusionModel, dtype: str, jit: bool, images: int, threads: int):
+    """A started engine for one measurement, drained after it (its worker thread exits)."""
+    engine = Engine(model, EngineSettings(max_batch_rows=images, max_queue_rows=images, dtype=dtype,
+                                          threads=threads, jit=jit))
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.drain(timeout_s=5)
+
+
+async def engine_ddpm_step_seconds(engine: Engine, images: int, steps: int) -> float:
+    """Seconds per step over ``steps`` steps of a DDPM-1000 request of ``images`` rows (after one step), then cancel."""
+    T = engine.model.spec.num_train_timesteps
+    handle = engine.submit(GenerationRequest(images, seed=0, sampler="ddpm", steps=T))
+    async for event in handle.events():
+        if event.step == 1:
+            start = time.perf_counter()
+        if event.step == steps + 1:
+            break
+    seconds = (time.perf_counter() - start) / steps
+    handle.cancel()
+    with contextlib.suppress(EngineError):
+        await handle.result()
+    return seconds
+
+
+async def engine_ddim_seconds(engine: Engine, images: int, steps: int) -> float:
+    await engine.submit(GenerationRequest(images, seed=1, sampler="ddim", steps=2)).result()  # warm-up
+    start = time.perf_counter()
+    await engine.submit(GenerationRequest(images, seed=0, sampler="ddim", steps=steps)).result()
+    return time.perf_counter() - start
 
 
 async def measure(args: argparse.Namespace) -> list[dict]:
-    """DDIM-S once per configuration, then DDPM-1000 step times in interleaved rounds (median)."""
+    """DDIM-S once per configuration, then DDPM-1000 step times in interleaved rounds (median).
+
+    One configuration runs at a time: diffusers on a fresh thread, the engine started for the measurement and
+    drained after it.
+    """
     configs = []
     for name in args.dtypes.split(","):
         dtype = DTYPES[name]
@@ -156,31 +195,31 @@ async def measure(args: argparse.Namespace) -> list[dict]:
         configs.append({"impl": "diffusers", "dtype": name, "ddpm": DiffusersDDPM(base, dtype, args.images),
                         "torch_dtype": dtype, "model": base})
         for label, jit in (("engine", False), ("engine jit", True)):
-            eng = EngineDDPM(load(args.model), ENGINE_DTYPES[name], jit, args.images, args.threads)
-            await eng.engine.start()
-            configs.append({"impl": label, "dtype": name, "ddpm": eng})
-    try:
-        for c in configs:
+            configs.append({"impl": label, "dtype": name, "jit": jit, "model": load(args.model)})
+
+    async def engine_run(c: dict, measurement):
+        async with running_engine(c["model"], ENGINE_DTYPES[c["dtype"]], c["jit"], args.images, args.threads) as e:
+            return await measurement(e)
+
+    for c in configs:
+        if c["impl"] == "diffusers":
+            c["ddim_s"] = on_own_thread(
+                lambda c=c: diffusers_ddim(c["model"], c["torch_dtype"], args.images, args.ddim_steps), args.threads
+            )
+        else:
+            c["ddim_s"] = await engine_run(c, lambda e: engine_ddim_seconds(e, args.images, args.ddim_steps))
+        print(f"{c['impl']} {c['dtype']}: DDIM-{args.ddim_steps} {c['ddim_s']:.1f} s", flush=True)
+    for c in configs:
+        c["step_s"] = []
+    for r in range(args.rounds):
+        for c in configs if r % 2 == 0 else configs[::-1]:
             if c["impl"] == "diffusers":
-                # on this thread (its torch thread count); the engines' workers are idle meanwhile
-                c["ddim_s"] = diffusers_ddim(c["model"], c["torch_dtype"], args.images, args.ddim_steps)
+                c["step_s"].append(on_own_thread(lambda c=c: c["ddpm"].step_seconds(args.ddpm_steps), args.threads))
             else:
-                c["ddim_s"] = await c["ddpm"].ddim_seconds(args.ddim_steps)
-            print(f"{c['impl']} {c['dtype']}: DDIM-{args.ddim_steps} {c['ddim_s']:.1f} s", flush=True)
-        for c in configs:
-            c["step_s"] = []
-        for r in range(args.rounds):
-            for c in configs if r % 2 == 0 else configs[::-1]:
-                ddpm = c["ddpm"]
-                if isinstance(ddpm, DiffusersDDPM):
-                    c["step_s"].append(ddpm.step_seconds(args.ddpm_steps))
-                else:
-                    c["step_s"].append(await ddpm.step_seconds(args.ddpm_steps))
-            print(f"round {r + 1}/{args.rounds} done", flush=True)
-    finally:
-        for c in configs:
-            if isinstance(c["ddpm"], EngineDDPM):
-                await c["ddpm"].engine.drain(timeout_s=5)
+                c["step_s"].append(
+                    await engine_run(c, lambda e: engine_ddpm_step_seconds(e, args.images, args.ddpm_steps))
+                )
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
     return configs
 
 
@@ -222,9 +261,9 @@ def main() -> None:
     p.add_argument("--scaling", type=lambda v: [int(b) for b in v.split(",")], default=None,
                    help="only time the bf16 eager forward at these rows per forward, e.g. 1,2,4,8,16,32")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)  # this thread only loads models; each configuration runs on its own thread
     if args.scaling:
-        forward_scaling(args)
+        on_own_thread(lambda: forward_scaling(args), args.threads)
         return
     T = load(args.model).spec.num_train_timesteps
     rows = []

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -128,7 +129,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
 
 
 async def run(args: argparse.Namespace) -> dict:
-    device = args.device if args.device != "auto" else ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, device)
     settings = EngineSettings(
         max_batch_rows=args.max_batch_rows, max_queue_rows=max(512, args.clients), request_timeout_s=3600,
@@ -202,6 +203,9 @@ def main() -> None:
     p.add_argument("--jit", action="store_true", help="traced + frozen UNet (EngineSettings.jit) on both paths")
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args()
+    # As the server does (service/api/app.py): the offline engine's worker gets the threads, this thread one.
+    args.threads = args.threads or torch.get_num_threads()
+    torch.set_num_threads(1)
     result = asyncio.run(run(args))
     print(json.dumps(result, indent=2))
     if args.json:

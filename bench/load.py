@@ -189,7 +189,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    # Only the engines' workers (one at a time, each with --threads) run torch multi-threaded: this thread
+    # stays at one so that its OpenMP team does not make libgomp throttle the worker's (engine/batcher.py).
+    torch.set_num_threads(1)
     model = load(args.model)
     capacity = args.capacity or asyncio.run(measure_capacity(model, args))
     mean_work = statistics.fmean(args.steps) * statistics.fmean(args.images)

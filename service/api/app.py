@@ -77,7 +77,7 @@ class _WebFiles:
         await self.static(scope, receive, send)
 
 
-async def _start_engine(app: FastAPI, model: object, settings: Settings) -> None:
+async def _start_engine(app: FastAPI, model: object, settings: Settings, threads: int) -> None:
     from service.engine.batcher import Engine, EngineSettings
 
     engine = Engine(
@@ -88,7 +88,7 @@ async def _start_engine(app: FastAPI, model: object, settings: Settings) -> None
             request_timeout_s=settings.request_timeout_s,
             batching=settings.batching,
             dtype=settings.dtype,
-            threads=settings.threads,
+            threads=threads,
             jit=settings.jit,
         ),
         metrics=app.state.engine_metrics,
@@ -114,11 +114,17 @@ async def begin_drain(app: FastAPI) -> None:
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    import torch
+
     from service.api.routes.noise import load_examples
     from service.diffusion.checkpoint import load_model
 
     settings: Settings = app.state.settings
     device = settings.resolved_device()
+    # Only the engine's worker runs torch multi-threaded; every other thread, this loader included, is kept
+    # at one thread before its first op (why: service/engine/batcher.py, "Threads").
+    threads = settings.threads or torch.get_num_threads()
+    torch.set_num_threads(1)
     model = await asyncio.to_thread(load_model, settings.model, device)  # sha256 verified
     spec = model.spec
     app.state.examples = load_examples(
@@ -133,7 +139,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             if on_fatal is not None:
                 on_fatal()
 
-    app.state.starting = asyncio.create_task(_start_engine(app, model, settings))
+    app.state.starting = asyncio.create_task(_start_engine(app, model, settings, threads))
     app.state.starting.add_done_callback(_started)
     try:
         yield

@@ -14,16 +14,25 @@ thread owns the model and loops; each iteration it
 ``batching="request"`` is the request-level baseline: requests are admitted only when the running batch
 is empty, so a request that arrives just after a batch started waits for the whole batch's loop.
 
-Threads. The worker is the only thread that runs torch; the event loop thread only queues requests,
-encodes responses and serves HTTP. ``EngineSettings.threads`` sets the worker's intra-op thread count
-(``torch.set_num_threads`` is per-thread under OpenMP, so it is applied inside the worker); 0 means the
-value ``torch.get_num_threads()`` has where the engine is built, i.e. one thread per physical core. All
-cores go to the UNet because it is the bottleneck: torch releases the GIL inside every op and the event
-loop needs a small fraction of a core (microseconds per request between forwards), so reserving a core
-for it would halve throughput on a 2-core machine; ``bench/load.py`` measures the event-loop lag under
-load to check this. The one case to set ``threads`` lower is a machine shared with other CPU-heavy
-processes: OpenMP workers spin while waiting for each other, and on this 2-core machine with a training
-run beside it a forward of the tiny test model took 5 ms with 1 thread and 155 ms with 2.
+Threads. The worker is the only thread that runs torch with more than one thread; the event loop thread only
+queues requests, encodes responses and serves HTTP. ``EngineSettings.threads`` sets the worker's intra-op
+thread count (``torch.set_num_threads`` is per-thread under OpenMP, so it is applied inside the worker); 0
+means the value ``torch.get_num_threads()`` has where the engine is built, i.e. one thread per physical
+core. All cores go to the UNet because it is the bottleneck: torch releases the GIL inside every op and the
+event loop needs a small fraction of a core (microseconds per request between forwards), so reserving a core
+for it would halve throughput on a 2-core machine; ``bench/load.py`` measures the event-loop lag under load
+to check this.
+
+:meth:`Engine.start` sets the *calling* thread to one torch thread. A thread that has run a multi-threaded op
+keeps its OpenMP team until it exits, and libgomp (the OpenMP runtime of PyTorch's Linux CPU wheels) stops
+spin-waiting between parallel regions once a process has more OpenMP threads than CPUs: its idle workers
+then sleep after ~100 spins and every one of a forward's hundreds of short parallel regions pays a wake-up.
+On the 2-core development machine a 16-row bf16 forward took 37 ms on the worker when the main thread had
+run a 2-thread op before, 25 ms when it had not (docs/benchmarks.md). So a process that embeds the engine
+should keep other threads single-threaded from the start (the HTTP app does so before loading the model).
+The one case to set ``threads`` lower is a machine shared with other CPU-heavy processes: OpenMP workers
+spin while waiting for each other, and on this 2-core machine with a training run beside it a forward of
+the tiny test model took 5 ms with 1 thread and 155 ms with 2.
 """
 
 from __future__ import annotations
@@ -159,10 +168,15 @@ class Engine:
 
     # ------------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Warm the model up on a new worker thread, start its loop, then admit work (``ready``)."""
+        """Warm the model up on a new worker thread, start its loop, then admit work (``ready``).
+
+        The calling thread is left with one torch intra-op thread when the worker uses more (module docstring).
+        """
         if self._thread is not None:
             raise RuntimeError("engine already started")
         self._loop = asyncio.get_running_loop()
+        if self._threads > 1:
+            torch.set_num_threads(1)  # one multi-threaded OpenMP team per process: the worker's (module docstring)
         prepare_unet(self.model, self._dtype)
         started: concurrent.futures.Future[None] = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._worker, args=(started,), name="ddpm-engine", daemon=True)
@@ -261,7 +275,7 @@ class Engine:
         return await job.future
 
     def stats(self) -> dict[str, float]:
-        """Queue depth, running rows, iterations, evicted rows, outcomes and the mean iteration time."""
+        """Queue depth, running rows, worker threads, iterations, evicted rows, outcomes and the mean iteration time."""
         with self._cond:
             c = self._counts
             return {
@@ -272,6 +286,7 @@ class Engine:
                 "active_rows": float(self._active_rows),
                 "max_batch_rows": float(self.settings.max_batch_rows),
                 "max_queue_rows": float(self.settings.max_queue_rows),
+                "threads": float(self._threads),
                 "iterations": float(c["iterations"]),
                 "evicted_rows": float(c["evicted_rows"]),
                 "requests_ok": float(c["ok"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -320,3 +321,23 @@ def test_predict_eps_calls_are_bounded_too(tiny_model: DiffusionModel, run_engin
 
     retry, shape = run_engine(body, max_batch_rows=4, max_queue_rows=4)
     assert retry > 0 and shape == (4, 1, 8, 8)
+
+
+def test_worker_gets_the_threads_and_the_caller_is_left_with_one(tiny_model: DiffusionModel) -> None:
+    """Only the worker runs torch multi-threaded (libgomp throttles a process with more OpenMP threads than CPUs)."""
+
+    async def main() -> tuple[int, int]:
+        torch.set_num_threads(2)
+        engine = Engine(tiny_model, EngineSettings())  # threads=0: the caller's count where the engine is built
+        await engine.start()
+        try:
+            worker = engine._thread
+            assert worker is not None and worker is not threading.current_thread()
+            got = await engine.submit(Req(1, seed=0, sampler="ddim", steps=2)).result()
+            assert got.images.shape == (1, 1, 8, 8)
+            return torch.get_num_threads(), int(engine.stats()["threads"])
+        finally:
+            await engine.drain(timeout_s=5)
+
+    caller, worker = asyncio.run(main())
+    assert (caller, worker) == (1, 2)
