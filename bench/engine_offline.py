@@ -2,15 +2,19 @@
 
 Run from the repository root::
 
-    .venv/bin/python bench/engine_offline.py --model model_store/mnist --images 64 --threads 1
+    .venv/bin/python bench/engine_offline.py --model model_store/mnist --images 64 --threads 2 [--batch 16]
 
-For each precision the same ``--images`` images go through
+For each precision the same ``--images`` images go through, ``--batch`` rows per UNet forward (default: all)
 
 * diffusers: ``UNet2DModel`` loaded with our state dict (same keys), ``DDIMPipeline`` for DDIM-50 and the
   ``DDPMPipeline`` loop (``unet(x, t).sample`` → ``scheduler.step``) for DDPM-1000, under
   ``torch.autocast`` for bf16;
-* the engine: one request of ``--images`` rows (so one UNet forward of that many rows per step), eager
-  (``jit=False``) and traced + frozen (``jit=True``).
+* the engine (``max_batch_rows`` = ``--batch``): requests of ``--batch`` rows (so one UNet forward of that
+  many rows per step), eager (``jit=False``) and traced + frozen (``jit=True``).
+
+One configuration runs at a time, each on its own thread with ``--threads`` torch threads (diffusers on a
+fresh thread, the engine on its worker, started for the measurement and drained after it), while the main
+thread stays at one: see ``on_own_thread``.
 
 DDIM-50 runs to completion once per configuration. DDPM-1000 is timed in ``--rounds`` interleaved rounds
 (configurations alternate, so a change in background load hits all of them) of ``--ddpm-steps`` steps of
@@ -83,17 +87,18 @@ def autocast(dtype: torch.dtype):
     return torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
 
 
-def diffusers_ddim(model: DiffusionModel, dtype: torch.dtype, images: int, steps: int) -> float:
-    """Seconds for DDIMPipeline to make ``images`` images in ``steps`` steps."""
+def diffusers_ddim(model: DiffusionModel, dtype: torch.dtype, images: int, batch: int, steps: int) -> float:
+    """Seconds for DDIMPipeline to make ``images`` images in ``steps`` steps, ``batch`` at a time."""
     from diffusers import DDIMPipeline
 
     pipe = DDIMPipeline(unet=diffusers_unet(model, dtype), scheduler=schedulers(model)[1])
     pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator().manual_seed(0)
     with torch.inference_mode(), autocast(dtype):
-        pipe(batch_size=images, num_inference_steps=2, output_type="np")  # warm-up
+        pipe(batch_size=batch, num_inference_steps=2, output_type="np")  # warm-up
         start = time.perf_counter()
-        pipe(batch_size=images, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
-             output_type="np")
+        for _ in range(images // batch):
+            pipe(batch_size=batch, num_inference_steps=steps, generator=gen, output_type="np")
         return time.perf_counter() - start
 
 
@@ -148,9 +153,9 @@ def on_own_thread(fn: Callable[[], R], threads: int) -> R:
 
 
 @contextlib.asynccontextmanager
-async def running_engine(model: DiffusionModel, dtype: str, jit: bool, images: int, threads: int):
-    """A started engine for one measurement, drained after it (its worker thread exits)."""
-    engine = Engine(model, EngineSettings(max_batch_rows=images, max_queue_rows=images, dtype=dtype,
+async def running_engine(model: DiffusionModel, dtype: str, jit: bool, batch: int, images: int, threads: int):
+    """A started engine for one measurement (``batch`` rows per forward, room for ``images`` rows), drained after it."""
+    engine = Engine(model, EngineSettings(max_batch_rows=batch, max_queue_rows=max(images, batch), dtype=dtype,
                                           threads=threads, jit=jit))
     await engine.start()
     try:
@@ -175,10 +180,14 @@ async def engine_ddpm_step_seconds(engine: Engine, images: int, steps: int) -> f
     return seconds
 
 
-async def engine_ddim_seconds(engine: Engine, images: int, steps: int) -> float:
-    await engine.submit(GenerationRequest(images, seed=1, sampler="ddim", steps=2)).result()  # warm-up
+async def engine_ddim_seconds(engine: Engine, images: int, batch: int, steps: int) -> float:
+    """Seconds for ``images`` images as requests of ``batch`` rows (= max_batch_rows: one forward each at a time)."""
+    await engine.submit(GenerationRequest(batch, seed=1, sampler="ddim", steps=2)).result()  # warm-up
     start = time.perf_counter()
-    await engine.submit(GenerationRequest(images, seed=0, sampler="ddim", steps=steps)).result()
+    requests = [GenerationRequest(batch, seed=i, sampler="ddim", steps=steps) for i in range(images // batch)]
+    handles = [engine.submit(r) for r in requests]
+    for handle in handles:
+        await handle.result()
     return time.perf_counter() - start
 
 
@@ -192,22 +201,26 @@ async def measure(args: argparse.Namespace) -> list[dict]:
     for name in args.dtypes.split(","):
         dtype = DTYPES[name]
         base = load(args.model)
-        configs.append({"impl": "diffusers", "dtype": name, "ddpm": DiffusersDDPM(base, dtype, args.images),
+        configs.append({"impl": "diffusers", "dtype": name, "ddpm": DiffusersDDPM(base, dtype, args.batch),
                         "torch_dtype": dtype, "model": base})
         for label, jit in (("engine", False), ("engine jit", True)):
             configs.append({"impl": label, "dtype": name, "jit": jit, "model": load(args.model)})
 
     async def engine_run(c: dict, measurement):
-        async with running_engine(c["model"], ENGINE_DTYPES[c["dtype"]], c["jit"], args.images, args.threads) as e:
-            return await measurement(e)
+        dtype = ENGINE_DTYPES[c["dtype"]]
+        async with running_engine(c["model"], dtype, c["jit"], args.batch, args.images, args.threads) as engine:
+            return await measurement(engine)
 
     for c in configs:
         if c["impl"] == "diffusers":
             c["ddim_s"] = on_own_thread(
-                lambda c=c: diffusers_ddim(c["model"], c["torch_dtype"], args.images, args.ddim_steps), args.threads
+                lambda c=c: diffusers_ddim(c["model"], c["torch_dtype"], args.images, args.batch, args.ddim_steps),
+                args.threads,
             )
         else:
-            c["ddim_s"] = await engine_run(c, lambda e: engine_ddim_seconds(e, args.images, args.ddim_steps))
+            c["ddim_s"] = await engine_run(
+                c, lambda e: engine_ddim_seconds(e, args.images, args.batch, args.ddim_steps)
+            )
         print(f"{c['impl']} {c['dtype']}: DDIM-{args.ddim_steps} {c['ddim_s']:.1f} s", flush=True)
     for c in configs:
         c["step_s"] = []
@@ -217,7 +230,7 @@ async def measure(args: argparse.Namespace) -> list[dict]:
                 c["step_s"].append(on_own_thread(lambda c=c: c["ddpm"].step_seconds(args.ddpm_steps), args.threads))
             else:
                 c["step_s"].append(
-                    await engine_run(c, lambda e: engine_ddpm_step_seconds(e, args.images, args.ddpm_steps))
+                    await engine_run(c, lambda e: engine_ddpm_step_seconds(e, args.batch, args.ddpm_steps))
                 )
         print(f"round {r + 1}/{args.rounds} done", flush=True)
     return configs
@@ -248,10 +261,50 @@ def forward_scaling(args: argparse.Namespace) -> None:
         print(f"| {b} | {ms:.0f} | {b / ms * 1000:.0f} |")
 
 
+def forward_profile(args: argparse.Namespace) -> None:
+    """Where one forward of ``--batch`` rows spends its time: diffusers fp32 vs the engine's bf16 forward.
+
+    Per-op self CPU time (torch.profiler, mean over 5 forwards after 3 warm-ups), split into convolutions
+    and the rest: bf16 speeds up the convolutions only, which bounds the bf16 / fp32 ratio.
+    """
+    from torch.profiler import profile
+
+    from service.diffusion.pipeline import prepare_unet
+    from service.engine.runner import UNetRunner
+
+    model = load(args.model)
+    s = model.spec
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, s.channels, s.image_size, s.image_size, generator=gen)
+    t = torch.randint(0, s.num_train_timesteps, (args.batch,), generator=gen)
+    diffusers = diffusers_unet(model, torch.float32)
+    prepare_unet(model, torch.bfloat16)
+    engine_bf16 = UNetRunner(model, torch.bfloat16, jit=False)
+    variants = {"diffusers fp32": lambda: diffusers(x, t).sample, "engine bf16": lambda: engine_bf16(x, t)}
+    print(f"| forward of {args.batch} rows | ms | convolutions ms | other ops ms | top other ops (ms) |")
+    print("|---|---|---|---|---|")
+    for name, fn in variants.items():
+        with torch.inference_mode():
+            for _ in range(3):
+                fn()
+            start = time.perf_counter()
+            with profile() as prof:
+                for _ in range(5):
+                    fn()
+            wall = (time.perf_counter() - start) / 5 * 1000
+        ops = {e.key: e.self_cpu_time_total / 5 / 1000 for e in prof.key_averages()}
+        conv = sum(v for k, v in ops.items() if "convolution" in k)
+        other = {k: v for k, v in ops.items() if "convolution" not in k}
+        largest = sorted(other.items(), key=lambda kv: -kv[1])[:4]
+        top = ", ".join(f"{k.removeprefix('aten::')} {v:.1f}" for k, v in largest)
+        print(f"| {name} | {wall:.1f} | {conv:.1f} | {sum(other.values()):.1f} | {top} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="model_store/mnist")
     p.add_argument("--images", type=int, default=64)
+    p.add_argument("--batch", type=int, default=None, help="rows per forward (default: --images); divides --images")
     p.add_argument("--ddim-steps", type=int, default=50)
     p.add_argument("--ddpm-steps", type=int, default=5, help="timed steps of the 1000-step DDPM loop per round")
     p.add_argument("--rounds", type=int, default=4, help="interleaved rounds of DDPM timing (median reported)")
@@ -260,10 +313,17 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--scaling", type=lambda v: [int(b) for b in v.split(",")], default=None,
                    help="only time the bf16 eager forward at these rows per forward, e.g. 1,2,4,8,16,32")
+    p.add_argument("--profile", action="store_true", help="only profile one forward of --batch rows")
     args = p.parse_args()
+    args.batch = args.batch or args.images
+    if args.images % args.batch:
+        raise SystemExit("--batch must divide --images")
     torch.set_num_threads(1)  # this thread only loads models; each configuration runs on its own thread
     if args.scaling:
         on_own_thread(lambda: forward_scaling(args), args.threads)
+        return
+    if args.profile:
+        on_own_thread(lambda: forward_profile(args), args.threads)
         return
     T = load(args.model).spec.num_train_timesteps
     rows = []
@@ -273,14 +333,14 @@ def main() -> None:
             "impl": c["impl"], "dtype": c["dtype"],
             "ddim_images_per_s": args.images / c["ddim_s"],
             "ddim_image_steps_per_s": args.images * args.ddim_steps / c["ddim_s"],
-            "ddpm_images_per_s": args.images / (per_step * T),
-            "ddpm_image_steps_per_s": args.images / per_step,
+            "ddpm_images_per_s": args.batch / (per_step * T),
+            "ddpm_image_steps_per_s": args.batch / per_step,
             "ddpm_step_s_rounds": c["step_s"],
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = next(r for r in rows if r["impl"] == "diffusers" and r["dtype"] == "fp32")
-    print(f"\n{args.images} images, batch {args.images}, {args.threads} thread(s); DDPM-1000 extrapolated from the "
+    print(f"\n{args.images} images, batch {args.batch}, {args.threads} thread(s); DDPM-1000 extrapolated from the "
           f"median of {args.rounds} interleaved rounds of {args.ddpm_steps} steps\n")
     print(f"| implementation | dtype | DDIM-{args.ddim_steps} images/s | DDPM-1000 images/s | image-steps/s (DDPM) "
           "| × diffusers fp32 (DDIM / DDPM) |")

@@ -4,8 +4,9 @@ Run from the repository root::
 
     .venv/bin/python bench/load.py --model model_store/mnist --duration 60 --load 0.7 --threads 1
 
-1. Capacity: the engine (step-level) works through a saturating burst of requests from the mix; capacity
-   is the image-steps per second it sustains, divided by the mix's mean image-steps per request.
+1. Capacity: the engine (step-level) works through ``--calibration-rounds`` saturating bursts of requests
+   from the mix; capacity is the median image-steps per second it sustains, divided by the mix's mean
+   image-steps per request.
 2. One arrival trace (seeded): exponential inter-arrival times at ``--load`` × capacity for ``--duration``
    seconds; each request draws its sampler steps and image count from the mix (DDIM, 10/20/50 steps,
    1/2/4 images by default — sized to this 2-core CPU).
@@ -82,20 +83,24 @@ def settings(args: argparse.Namespace, batching: str) -> EngineSettings:
 
 
 async def measure_capacity(model: DiffusionModel, args: argparse.Namespace) -> float:
-    """Image-steps per second the step-level engine sustains on a saturating burst drawn from the mix."""
+    """Image-steps per second the step-level engine sustains on saturating bursts drawn from the mix (median)."""
     engine = Engine(model, settings(args, "step"))
     await engine.start()
     try:
         rng = random.Random(args.seed + 1)
-        reqs, work = [], 0
-        while work < args.calibration_work:
-            n, s = rng.choice(args.images), rng.choice(args.steps)
-            reqs.append(GenerationRequest(n, seed=rng.randrange(1 << 31), sampler="ddim", steps=s))
-            work += n * s
         await engine.submit(GenerationRequest(1, seed=0, sampler="ddim", steps=2)).result()  # warm-up
-        start = time.perf_counter()
-        await asyncio.gather(*(engine.submit(r).result() for r in reqs))
-        return work / (time.perf_counter() - start)
+        rates = []
+        for _ in range(args.calibration_rounds):
+            reqs, work = [], 0
+            while work < args.calibration_work:
+                n, s = rng.choice(args.images), rng.choice(args.steps)
+                reqs.append(GenerationRequest(n, seed=rng.randrange(1 << 31), sampler="ddim", steps=s))
+                work += n * s
+            start = time.perf_counter()
+            await asyncio.gather(*(engine.submit(r).result() for r in reqs))
+            rates.append(work / (time.perf_counter() - start))
+        print(json.dumps({"calibration_image_steps_per_s": rates}), flush=True)
+        return statistics.median(rates)
     finally:
         await engine.drain(timeout_s=5)
 
@@ -184,7 +189,8 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--jit", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--calibration-work", type=int, default=2000, help="image-steps in the capacity burst")
+    p.add_argument("--calibration-work", type=int, default=3000, help="image-steps in each capacity burst")
+    p.add_argument("--calibration-rounds", type=int, default=3, help="capacity bursts (median taken)")
     p.add_argument("--capacity", type=float, default=None, help="image-steps/s; skip the measurement")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)

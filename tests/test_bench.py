@@ -1,0 +1,55 @@
+"""The engine benchmarks still run end to end (on the tiny random-weight model, seconds instead of minutes)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, f"bench/{script}", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_load_bench_replays_one_trace_in_both_modes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "load.json"
+    run_bench("load.py", "--model", str(tiny_model_dir), "--duration", "3", "--grace", "30", "--threads", "1",
+              "--max-batch-rows", "8", "--calibration-work", "300", "--calibration-rounds", "2", "--json", str(out))
+    result = json.loads(out.read_text())
+    step, request = result["results"]
+    assert (step["batching"], request["batching"]) == ("step", "request")
+    for r in (step, request):
+        assert r["requests"] > 0 and r["ok"] == r["requests"], r  # every request of the trace completed
+        assert 0 < r["latency_p50_s"] <= r["latency_p99_s"]
+        assert r["iterations"] > 0
+
+
+@pytest.mark.slow
+def test_offline_bench_compares_engine_and_diffusers(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "offline.json"
+    run_bench("engine_offline.py", "--model", str(tiny_model_dir), "--images", "4", "--batch", "2",
+              "--ddim-steps", "3", "--ddpm-steps", "2", "--rounds", "2", "--threads", "1", "--json", str(out))
+    rows = json.loads(out.read_text())
+    got = {(r["impl"], r["dtype"]) for r in rows}
+    assert got == {(impl, dtype) for impl in ("diffusers", "engine", "engine jit") for dtype in ("fp32", "bf16")}
+    for r in rows:
+        assert r["ddim_images_per_s"] > 0 and r["ddpm_images_per_s"] > 0 and len(r["ddpm_step_s_rounds"]) == 2
+
+
+@pytest.mark.slow
+def test_offline_bench_profiles_and_scales_a_forward(tiny_model_dir: Path) -> None:
+    profiled = run_bench("engine_offline.py", "--model", str(tiny_model_dir), "--batch", "4", "--threads", "1",
+                         "--profile").stdout
+    assert "| diffusers fp32 |" in profiled and "| engine bf16 |" in profiled
+    scaled = run_bench("engine_offline.py", "--model", str(tiny_model_dir), "--threads", "1", "--scaling", "1,2").stdout
+    assert "| 1 |" in scaled and "| 2 |" in scaled
