@@ -18,7 +18,7 @@ __all__ = ["predict_eps", "prepare_unet", "sample"]
 
 
 def prepare_unet(model: DiffusionModel, dtype: torch.dtype) -> None:
-    """channels_last memory format for reduced-precision inference (oneDNN/AMX on CPU, tensor cores on CUDA)."""
+    """channels_last memory format for reduced-precision inference (oneDNN bf16 on CPU, tensor cores on CUDA)."""
     if dtype != torch.float32:
         model.unet.to(memory_format=torch.channels_last)
 
