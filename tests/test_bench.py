@@ -53,3 +53,12 @@ def test_offline_bench_profiles_and_scales_a_forward(tiny_model_dir: Path) -> No
     assert "| diffusers fp32 |" in profiled and "| engine bf16 |" in profiled
     scaled = run_bench("engine_offline.py", "--model", str(tiny_model_dir), "--threads", "1", "--scaling", "1,2").stdout
     assert "| 1 |" in scaled and "| 2 |" in scaled
+
+
+@pytest.mark.slow
+def test_omp_teams_bench_runs_every_scenario(tiny_model_dir: Path) -> None:
+    table = run_bench("omp_teams.py", "--model", str(tiny_model_dir), "--rows", "2", "--threads", "1",
+                      "--forwards", "3", "--repeats", "1").stdout
+    for label in ("| main |", "| worker, main ran a multi-threaded op |", "| worker, main kept at 1 thread |",
+                  "| worker, another thread holds an idle team |"):
+        assert label in table, table
