@@ -4,7 +4,7 @@ Run from the repository root::
 
     .venv/bin/python bench/engine_offline.py --model model_store/mnist --images 64 --threads 2 [--batch 16]
 
-For each precision the same ``--images`` images go through, ``--batch`` rows per UNet forward (default: all)
+For each precision the same ``--images`` images go through, ``--batch`` rows per UNet forward (default: all):
 
 * diffusers: ``UNet2DModel`` loaded with our state dict (same keys), ``DDIMPipeline`` for DDIM-50 and the
   ``DDPMPipeline`` loop (``unet(x, t).sample`` → ``scheduler.step``) for DDPM-1000, under
@@ -19,8 +19,8 @@ thread stays at one: see ``on_own_thread``.
 DDIM-50 runs to completion once per configuration. DDPM-1000 is timed in ``--rounds`` interleaved rounds
 (configurations alternate, so a change in background load hits all of them) of ``--ddpm-steps`` steps of
 the 1000-step loop after one untimed step; the median step time is extrapolated to 1000 steps (every step
-costs the same forward + update, and the whole loop at 64 images would take ~15 min per configuration on
-this CPU). Rates are image-steps/s; images/s follow.
+costs the same forward + update, and the whole loop at 64 images takes minutes per configuration on this
+CPU). Rates are image-steps/s; images/s follow.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    .venv/bin/python bench/load.py --model model_store/mnist --duration 60 --load 0.7 --threads 1
+    .venv/bin/python bench/load.py --model model_store/mnist --duration 300 --load 0.7 --threads 2 --max-batch-rows 16
 
 1. Capacity: the engine (step-level) works through ``--calibration-rounds`` saturating bursts of requests
    from the mix; capacity is the median image-steps per second it sustains, divided by the mix's mean
