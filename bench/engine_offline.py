@@ -39,25 +39,14 @@ from typing import TypeVar
 
 import torch
 
-from service.diffusion.checkpoint import CheckpointError, DiffusionModel, load_model
-from service.engine.batcher import Engine, EngineSettings
+from service.diffusion.checkpoint import DiffusionModel, load_model
+from service.engine.batcher import Engine, EngineSettings, claim_threads_for_worker
 from service.engine.client import EngineError, GenerationRequest
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ENGINE_DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 R = TypeVar("R")
 
-
-def load(path: str) -> DiffusionModel:
-    """Load the model, retrying while a training run is rewriting it (sha256 mismatch mid-write)."""
-    for attempt in range(10):
-        try:
-            return load_model(path)
-        except CheckpointError:
-            if attempt == 9:
-                raise
-            time.sleep(2)
-    raise AssertionError("unreachable")
 
 
 def diffusers_unet(model: DiffusionModel, dtype: torch.dtype) -> torch.nn.Module:
@@ -200,11 +189,11 @@ async def measure(args: argparse.Namespace) -> list[dict]:
     configs = []
     for name in args.dtypes.split(","):
         dtype = DTYPES[name]
-        base = load(args.model)
-        configs.append({"impl": "diffusers", "dtype": name, "ddpm": DiffusersDDPM(base, dtype, args.batch),
-                        "torch_dtype": dtype, "model": base})
+        model = load_model(args.model)  # one per precision: the engines make its UNet channels_last for bf16
+        configs.append({"impl": "diffusers", "dtype": name, "ddpm": DiffusersDDPM(model, dtype, args.batch),
+                        "torch_dtype": dtype, "model": model})
         for label, jit in (("engine", False), ("engine jit", True)):
-            configs.append({"impl": label, "dtype": name, "jit": jit, "model": load(args.model)})
+            configs.append({"impl": label, "dtype": name, "jit": jit, "model": model})
 
     async def engine_run(c: dict, measurement):
         dtype = ENGINE_DTYPES[c["dtype"]]
@@ -241,7 +230,7 @@ def forward_scaling(args: argparse.Namespace) -> None:
     from service.diffusion.pipeline import prepare_unet
     from service.engine.runner import UNetRunner
 
-    model = load(args.model)
+    model = load_model(args.model)
     prepare_unet(model, torch.bfloat16)
     runner = UNetRunner(model, torch.bfloat16, jit=False)
     runner.prepare(max(args.scaling))
@@ -272,7 +261,7 @@ def forward_profile(args: argparse.Namespace) -> None:
     from service.diffusion.pipeline import prepare_unet
     from service.engine.runner import UNetRunner
 
-    model = load(args.model)
+    model = load_model(args.model)
     s = model.spec
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, s.channels, s.image_size, s.image_size, generator=gen)
@@ -318,16 +307,17 @@ def main() -> None:
     args.batch = args.batch or args.images
     if args.images % args.batch:
         raise SystemExit("--batch must divide --images")
-    torch.set_num_threads(1)  # this thread only loads models; each configuration runs on its own thread
+    claim_threads_for_worker(args.threads)  # this thread only loads models; each configuration runs on its own
     if args.scaling:
         on_own_thread(lambda: forward_scaling(args), args.threads)
         return
     if args.profile:
         on_own_thread(lambda: forward_profile(args), args.threads)
         return
-    T = load(args.model).spec.num_train_timesteps
+    configs = asyncio.run(measure(args))
+    T = configs[0]["model"].spec.num_train_timesteps
     rows = []
-    for c in asyncio.run(measure(args)):
+    for c in configs:
         per_step = statistics.median(c["step_s"])
         row = {
             "impl": c["impl"], "dtype": c["dtype"],

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from service.diffusion.checkpoint import load_model  # noqa: E402
-from service.engine.batcher import Engine, EngineSettings  # noqa: E402
+from service.engine.batcher import Engine, EngineSettings, claim_threads_for_worker  # noqa: E402
 from service.engine.client import GenerationRequest  # noqa: E402
 
 
@@ -203,9 +203,7 @@ def main() -> None:
     p.add_argument("--jit", action="store_true", help="traced + frozen UNet (EngineSettings.jit) on both paths")
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args()
-    # As the server does (service/api/app.py): the offline engine's worker gets the threads, this thread one.
-    args.threads = args.threads or torch.get_num_threads()
-    torch.set_num_threads(1)
+    args.threads = claim_threads_for_worker(args.threads)  # as the server does (service/api/app.py)
     result = asyncio.run(run(args))
     print(json.dumps(result, indent=2))
     if args.json:

@@ -27,10 +27,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from service.diffusion.checkpoint import CheckpointError, DiffusionModel, load_model
-from service.engine.batcher import Engine, EngineSettings
+from service.diffusion.checkpoint import DiffusionModel, load_model
+from service.engine.batcher import Engine, EngineSettings, claim_threads_for_worker
 from service.engine.client import EngineError, GenerationRequest, QueueFullError
 
 
@@ -41,16 +39,6 @@ class Arrival:
     steps: int
     seed: int
 
-
-def load(path: str) -> DiffusionModel:
-    for attempt in range(10):
-        try:
-            return load_model(path)
-        except CheckpointError:  # a training run is rewriting the weights: try again
-            if attempt == 9:
-                raise
-            time.sleep(2)
-    raise AssertionError("unreachable")
 
 
 def parse_mix(text: str) -> list[int]:
@@ -195,10 +183,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
-    # Only the engines' workers (one at a time, each with --threads) run torch multi-threaded: this thread
-    # stays at one so that its OpenMP team does not make libgomp throttle the worker's (engine/batcher.py).
-    torch.set_num_threads(1)
-    model = load(args.model)
+    claim_threads_for_worker(args.threads)  # the engines' workers (one at a time) get them, this thread one
+    model = load_model(args.model)
     capacity = args.capacity or asyncio.run(measure_capacity(model, args))
     mean_work = statistics.fmean(args.steps) * statistics.fmean(args.images)
     rate = args.load * capacity / mean_work

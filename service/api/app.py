@@ -114,17 +114,13 @@ async def begin_drain(app: FastAPI) -> None:
 
 @contextlib.asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    import torch
-
     from service.api.routes.noise import load_examples
     from service.diffusion.checkpoint import load_model
+    from service.engine.batcher import claim_threads_for_worker
 
     settings: Settings = app.state.settings
     device = settings.resolved_device()
-    # Only the engine's worker runs torch multi-threaded; every other thread, this loader included, is kept
-    # at one thread before its first op (why: service/engine/batcher.py, "Threads").
-    threads = settings.threads or torch.get_num_threads()
-    torch.set_num_threads(1)
+    threads = claim_threads_for_worker(settings.threads)  # before the loader thread's first op
     model = await asyncio.to_thread(load_model, settings.model, device)  # sha256 verified
     spec = model.spec
     app.state.examples = load_examples(

@@ -67,11 +67,19 @@ from service.engine.runner import UNetRunner
 from service.engine.step import RowGroup, batched_step
 from service.metrics import EngineMetrics
 
-__all__ = ["DTYPES", "Engine", "EngineSettings"]
+__all__ = ["DTYPES", "Engine", "EngineSettings", "claim_threads_for_worker"]
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def claim_threads_for_worker(requested: int = 0) -> int:
+    """The worker's thread count (``requested``, or 0 for the calling thread's current count), leaving the
+    calling thread at one torch thread from now on, before it loads a model (module docstring, "Threads")."""
+    threads = requested or torch.get_num_threads()
+    torch.set_num_threads(1)
+    return threads
 
 
 @dataclass

@@ -4,7 +4,7 @@ Tracing and freezing the module (``torch.jit.trace`` + ``torch.jit.freeze``) fol
 graph and lets oneDNN fuse convolutions with their bias/activation. It is off by default: on the 2-core
 development machine it made bf16 forwards ~1.5× faster while the UNet's GroupNorm hit ATen's slow
 channels_last CPU kernel, but once the UNet normalises such maps in contiguous layout, eager bf16 is
-faster than the traced graph (0.64 vs 0.83 s per 64-row step) and fp32 gains nothing (docs/benchmarks.md).
+faster than the traced graph, and the traced graph gains only 1.1–1.3× in fp32 (docs/benchmarks.md).
 The traced graph is checked against the eager module on a batch of a different
 size at warm-up and thrown away (eager is used) if they disagree, so a UNet with shape-dependent Python
 control flow cannot silently produce wrong images.
