@@ -45,6 +45,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         warmup_steps=args.warmup_steps,
+        lr_schedule=args.lr_schedule,
+        min_lr_ratio=args.min_lr_ratio,
+        min_snr_gamma=args.min_snr_gamma,
         ema_decay=args.ema_decay,
         steps=args.steps,
         holdout=args.holdout,
@@ -53,6 +56,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         threads=args.threads,
         sample_every=args.sample_every,
         checkpoint_every=args.checkpoint_every,
+        log_every=args.log_every,
+        snapshot_every=args.snapshot_every,
         extra={"command": "python -m service " + " ".join(sys.argv[1:])},
     )
     train(cfg, resume=args.resume)
@@ -168,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=5e-4)
     t.add_argument("--warmup-steps", type=int, default=200)
+    t.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant", help="after warm-up")
+    t.add_argument("--min-lr-ratio", type=float, default=0.0, help="floor of the cosine decay (fraction of --lr)")
+    t.add_argument("--min-snr-gamma", type=float, default=0.0, help="min-SNR-γ loss weighting (e.g. 5); 0 = plain")
     t.add_argument("--ema-decay", type=float, default=0.999)
     t.add_argument("--steps", type=int, default=10_000)
     t.add_argument("--holdout", type=int, default=1000)
@@ -176,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--threads", type=int, default=0)
     t.add_argument("--sample-every", type=int, default=500)
     t.add_argument("--checkpoint-every", type=int, default=250)
+    t.add_argument("--snapshot-every", type=int, default=0, help="keep the EMA model every N steps (WORKDIR/snapshots)")
+    t.add_argument("--log-every", type=int, default=10, help="steps per line of WORKDIR/loss.jsonl")
     t.add_argument("--resume", action="store_true", help="continue from WORKDIR/train_state.pt")
     t.set_defaults(func=cmd_train)
 

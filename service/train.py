@@ -1,15 +1,17 @@
 """Training loop for ε-prediction (DDPM Algorithm 1): minimise ‖ε - ε_θ(√ᾱ_t x_0 + √(1-ᾱ_t) ε, t)‖².
 
-AdamW, gradient-norm clipping, linear warm-up, an EMA copy of the weights (the EMA copy is what
-gets exported), a held-out split that training never sees, periodic sample grids, and resumable
-training checkpoints that restore model, optimizer, EMA and every RNG so that resuming continues
-exactly as an uninterrupted run would.
+AdamW, gradient-norm clipping, linear warm-up then cosine decay, optional min-SNR-γ loss weighting
+(Hang et al. 2023), an EMA copy of the weights (the EMA copy is what gets exported), an optional
+held-out split that training never sees, a loss log (``loss.jsonl``), periodic sample grids, and
+resumable training checkpoints that restore model, optimizer, EMA and every RNG so that resuming
+continues exactly as an uninterrupted run would.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -28,6 +30,7 @@ from service.progress import Progress
 __all__ = ["TrainConfig", "train"]
 
 STATE_FILE = "train_state.pt"
+LOSS_LOG = "loss.jsonl"
 
 
 @dataclass
@@ -49,6 +52,9 @@ class TrainConfig:
     lr: float = 5e-4  # AdamW peak learning rate
     weight_decay: float = 0.0
     warmup_steps: int = 200  # linear learning-rate warm-up
+    lr_schedule: str = "constant"  # after warm-up: "constant" or "cosine" (decay to min_lr_ratio·lr at `steps`)
+    min_lr_ratio: float = 0.0  # floor of the cosine decay, as a fraction of lr
+    min_snr_gamma: float = 0.0  # > 0: weight each ε-loss term by min(SNR_t, γ)/SNR_t (Hang et al. 2023); 0 = plain
     grad_clip: float = 1.0  # max global gradient norm
     ema_decay: float = 0.999  # EMA decay (with the usual (1+n)/(10+n) warm-up)
     steps: int = 10_000  # total optimisation steps
@@ -59,6 +65,8 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads (0 = torch's default)
     sample_every: int = 500  # write a sample grid every N steps (0 = never)
     checkpoint_every: int = 250  # save training state + export the EMA model every N steps
+    snapshot_every: int = 0  # also keep a copy of the exported EMA model every N steps in WORKDIR/snapshots (0 = never)
+    log_every: int = 10  # append the mean loss of the last N steps to WORKDIR/loss.jsonl
     extra: dict = field(default_factory=dict)  # recorded in the model card metadata
 
     def unet_config(self) -> UNetConfig:
@@ -95,7 +103,32 @@ class EMA:
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    """Linear warm-up over ``warmup_steps``, then constant or a half-cosine down to ``min_lr_ratio``·lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule != "cosine":
+        raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}; expected 'constant' or 'cosine'")
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    floor = cfg.min_lr_ratio * cfg.lr
+    return floor + (cfg.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def loss_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-row weight of ‖ε − ε_θ‖²: min(SNR_t, γ)/SNR_t with SNR_t = ᾱ_t/(1−ᾱ_t) (min-SNR-γ, ε-prediction);
+    all ones when γ = 0 (DDPM's simplified objective, eq. 14)."""
+    if gamma <= 0:
+        return torch.ones(t.shape, dtype=torch.float32)
+    snr = alphas_cumprod[t] / (1.0 - alphas_cumprod[t])
+    return (snr.clamp(max=gamma) / snr).float()
+
+
+def _trim_loss_log(path: Path, step: int) -> None:
+    """Keep the loss-log lines up to ``step`` (a resumed run rewrites what came after its checkpoint)."""
+    if path.is_file():
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
 
 
 def _spec(cfg: TrainConfig, step: int, seconds: float) -> ModelSpec:
@@ -160,6 +193,11 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
             g.set_state(state["generators"][k])
         step, seconds = state["step"], state["seconds"]
         log(f"resumed from {state_path} at step {step}")
+    loss_log = workdir / LOSS_LOG
+    if step == 0:
+        loss_log.unlink(missing_ok=True)
+    _trim_loss_log(loss_log, step)
+    window: list[float] = []
 
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
@@ -174,8 +212,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         x_t = schedule.q_sample(x0, t, eps)
         for group in opt.param_groups:
             group["lr"] = _lr_at(cfg, step)
+        weights = loss_weights(schedule.alphas_cumprod, t, cfg.min_snr_gamma)
         with autocast:
-            loss = F.mse_loss(model(x_t, t).float(), eps)
+            per_row = F.mse_loss(model(x_t, t).float(), eps, reduction="none").mean(dim=(1, 2, 3))
+        loss = (weights * per_row).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -183,7 +223,13 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         ema.update(model)
         step += 1
         seconds = time.perf_counter() - t0
-        bar.update(1, loss=f"{loss.item():.4f}", img_s=f"{step * cfg.batch_size / max(seconds, 1e-9):.0f}")
+        window.append(loss.item())
+        bar.update(1, loss=f"{window[-1]:.4f}", img_s=f"{step * cfg.batch_size / max(seconds, 1e-9):.0f}")
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            entry = {"step": step, "loss": sum(window) / len(window), "lr": _lr_at(cfg, step - 1), "seconds": seconds}
+            with loss_log.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+            window.clear()
 
         if cfg.sample_every and step % cfg.sample_every == 0:
             preview = DiffusionModel(spec, ema.model, schedule, "")
@@ -192,6 +238,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             _save_state(state_path, step, seconds, model, ema, opt, gens)
             save_model(_spec(cfg, step, seconds), ema.model, cfg.out)
+        if cfg.snapshot_every and step % cfg.snapshot_every == 0:
+            save_model(_spec(cfg, step, seconds), ema.model, workdir / "snapshots" / f"step_{step:06d}")
     bar.close()
     log(f"trained {step} steps in {seconds:.0f} s; EMA model written to {cfg.out}")
     return Path(cfg.out)

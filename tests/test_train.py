@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -126,3 +127,39 @@ def test_exported_entry_loads_and_records_training(npz: Path, tmp_path: Path) ->
     for key, value in model.unet.state_dict().items():
         torch.testing.assert_close(value, ema[key], rtol=0, atol=0)
     assert any(not torch.equal(state["model"][k], ema[k]) for k in ema)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_its_floor(npz: Path, tmp_path: Path) -> None:
+    from service.train import _lr_at
+
+    cfg = _config(npz, tmp_path, steps=1100, lr=1e-3, warmup_steps=100, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert _lr_at(cfg, 0) == pytest.approx(1e-5)  # (0 + 1) / 100 of the peak
+    assert _lr_at(cfg, 99) == pytest.approx(1e-3)
+    assert _lr_at(cfg, 600) == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # half-way: cos(π/2) = 0
+    assert _lr_at(cfg, 1100) == pytest.approx(1e-4)
+    lrs = [_lr_at(cfg, s) for s in range(100, 1101)]
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
+
+
+def test_min_snr_weights_match_the_closed_form() -> None:
+    from service.train import loss_weights
+
+    abar = NoiseSchedule.create("linear", 1000).alphas_cumprod.double()
+    t = torch.tensor([0, 50, 200, 500, 999])
+    w = loss_weights(abar, t, gamma=5.0)
+    for ti, wi in zip(t.tolist(), w.tolist(), strict=True):
+        snr = abar[ti].item() / (1 - abar[ti].item())  # SNR_t = ᾱ_t / (1 − ᾱ_t)
+        assert wi == pytest.approx(min(snr, 5.0) / snr, rel=1e-6)
+    assert w[0] < 0.01 and w[-1] == 1.0  # low noise is down-weighted, high noise keeps weight 1
+    assert torch.equal(loss_weights(abar, t, gamma=0.0), torch.ones(5))
+
+
+def test_loss_log_is_trimmed_on_resume(npz: Path, tmp_path: Path) -> None:
+    train(_config(npz, tmp_path, steps=6, batch_size=4, log_every=2, checkpoint_every=4), log=lambda *_: None)
+    log = tmp_path / "work" / "loss.jsonl"
+    assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == [2, 4, 6]
+    with log.open("a") as f:  # as if the run had logged step 7 and died before its next checkpoint
+        f.write(json.dumps({"step": 7, "loss": 9.0, "lr": 0.0, "seconds": 0.0}) + "\n")
+    train(_config(npz, tmp_path, steps=8, batch_size=4, log_every=2, checkpoint_every=4), resume=True,
+          log=lambda *_: None)
+    assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == [2, 4, 6, 8]
