@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 
 import torch
 
-from service.diffusion.pipeline import predict_eps
+from service.diffusion.rows import predict_eps
 from service.diffusion.unet import UNet, UNetConfig
 
 __all__ = ["CONFIGS", "main", "measure"]

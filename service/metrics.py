@@ -35,6 +35,8 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from service.diffusion.samplers import SAMPLER_NAMES
+
 __all__ = [
     "BATCH_ROWS_BUCKETS",
     "HTTP_DURATION_BUCKETS",
@@ -48,7 +50,6 @@ __all__ = [
 
 OUTCOMES = ("ok", "rejected", "cancelled", "timeout", "error")
 EVICTION_REASONS = ("cancelled", "timeout")
-SAMPLERS = ("ddpm", "ddim")
 
 # Rows per forward: powers of two up to twice the default max_batch_rows.
 BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 256)
@@ -112,7 +113,7 @@ class EngineMetrics:
             self.requests.labels(outcome=outcome)
         for reason in EVICTION_REASONS:
             self.rows_evicted.labels(reason=reason)
-        for sampler in SAMPLERS:
+        for sampler in SAMPLER_NAMES:
             self.request_duration.labels(sampler=sampler)
 
     def set_model(self, name: str, sha256: str, device: str, dtype: str) -> None:

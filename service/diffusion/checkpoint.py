@@ -3,6 +3,7 @@
 A model-store entry is a folder::
 
     config.json        {"format", "name", "unet", "schedule", "variance_type", "clip_sample",
+                        "sampling": {"timestep_spacing" (one, or one per sampler), "steps_offset", …},
                         "image": {"channels", "size", "value_range"}, "weights": {"file", "sha256"}}
     model.safetensors  the UNet state dict (diffusers UNet2DModel key names)
 
@@ -16,12 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from service.diffusion.samplers import SAMPLERS, SamplerOptions, Spacing, get_sampler
 from service.diffusion.schedule import NoiseSchedule, VarianceType
 from service.diffusion.unet import UNet, UNetConfig, convert_legacy_attention_keys
 
@@ -38,6 +40,8 @@ __all__ = [
 FORMAT = "ddpm-service/1"
 WEIGHTS_FILE = "model.safetensors"
 DIFFUSERS_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+# scheduler_config.json keys that carry over (diffusers' from_config passes them to every scheduler class)
+SAMPLING_KEYS = ("timestep_spacing", "steps_offset", "set_alpha_to_one", "lower_order_final", "clip_sample_range")
 
 
 class CheckpointError(ValueError):
@@ -55,8 +59,38 @@ class ModelSpec:
     beta_start: float = 1e-4  # β_1 (linear schedule)
     beta_end: float = 0.02  # β_T (linear schedule); the source note's 0.002 is a typo
     variance_type: VarianceType = "fixed_small"  # σ_t² = β̃_t or β_t
-    clip_sample: bool = True  # clip x̂_0 to [-1, 1] while sampling
+    clip_sample: bool = True  # clip x̂_0 to [-1, 1] while sampling (DDPM, DDIM)
+    sampling: dict = field(default_factory=dict)  # scheduler settings: timestep_spacing, steps_offset, … (see below)
     extra: dict = field(default_factory=dict)  # free-form metadata (training, data)
+
+    def __post_init__(self) -> None:
+        """Check ``sampling``: known keys, and spacings each named sampler supports."""
+        known = {f.name for f in fields(SamplerOptions)} | {"timestep_spacing"}
+        unknown = sorted(set(self.sampling) - known - {"variance_type", "clip_sample", "beta_schedule"})
+        if unknown:
+            raise CheckpointError(f"unknown sampling settings {unknown}; known: {sorted(known)}")
+        spacing = self.sampling.get("timestep_spacing")
+        per_sampler = spacing if isinstance(spacing, dict) else {n: spacing for n in SAMPLERS} if spacing else {}
+        for name, value in per_sampler.items():
+            if name not in SAMPLERS:
+                raise CheckpointError(f"sampling.timestep_spacing names unknown sampler {name!r}")
+            if value not in SAMPLERS[name].spacings:
+                raise CheckpointError(f"sampling.timestep_spacing {value!r} is not supported by {name!r}")
+
+    @property
+    def options(self) -> SamplerOptions:
+        """The settings every sampler's plan reads (with the model's variance type and clipping)."""
+        keys = {f.name for f in fields(SamplerOptions)} - {"variance_type", "clip_sample", "beta_schedule"}
+        given = {k: v for k, v in self.sampling.items() if k in keys}
+        return SamplerOptions(variance_type=self.variance_type, clip_sample=self.clip_sample,
+                              beta_schedule=self.beta_schedule, **given)
+
+    def default_spacing(self, sampler: str) -> Spacing:
+        """The model's spacing for ``sampler`` (one for all, or per sampler), else the diffusers class's default."""
+        spacing = self.sampling.get("timestep_spacing")
+        if isinstance(spacing, dict):
+            spacing = spacing.get(sampler)
+        return spacing or get_sampler(sampler).default_spacing
 
     @property
     def channels(self) -> int:
@@ -84,6 +118,7 @@ class ModelSpec:
             },
             "variance_type": self.variance_type,
             "clip_sample": self.clip_sample,
+            "sampling": self.sampling,
             "image": {"channels": self.channels, "size": self.image_size, "value_range": [-1.0, 1.0]},
             "weights": {"file": WEIGHTS_FILE, "sha256": sha256},
             "extra": self.extra,
@@ -102,6 +137,7 @@ class ModelSpec:
                 beta_end=float(sched["beta_end"]),
                 variance_type=cfg["variance_type"],
                 clip_sample=bool(cfg["clip_sample"]),
+                sampling=cfg.get("sampling", {}),
                 extra=cfg.get("extra", {}),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -182,6 +218,9 @@ def _diffusers_spec(folder: Path, name: str | None) -> tuple[ModelSpec, Path]:
         raise CheckpointError(f"{sched_path}: unsupported beta_schedule {sched['beta_schedule']!r}")
     if sched.get("prediction_type", "epsilon") != "epsilon":
         raise CheckpointError(f"{sched_path}: only epsilon prediction is supported")
+    if sched.get("thresholding", False):
+        raise CheckpointError(f"{sched_path}: dynamic thresholding is not supported")
+    sampling = {k: sched[k] for k in SAMPLING_KEYS if k in sched}
     try:
         unet = UNetConfig.from_dict(unet_cfg)
     except (TypeError, ValueError) as exc:
@@ -195,6 +234,7 @@ def _diffusers_spec(folder: Path, name: str | None) -> tuple[ModelSpec, Path]:
         beta_end=float(sched.get("beta_end", 0.02)),
         variance_type=sched.get("variance_type", "fixed_small"),
         clip_sample=bool(sched.get("clip_sample", True)),
+        sampling=sampling,
         extra={"imported_from": "diffusers"},
     )
     if spec.variance_type not in ("fixed_small", "fixed_large"):

@@ -123,6 +123,14 @@ class NoiseSchedule:
     def num_timesteps(self) -> int:
         return self.betas.shape[0]
 
+    def alphas_cumprod_f64(self) -> torch.Tensor:
+        """ᾱ_t in float64, exp(Σ_{s≤t} log(1 − β_s)) from the stored betas.
+
+        The samplers form their coefficients from these: 1 − ᾱ and 1 − ᾱ_t/ᾱ_{t'} taken from float32 ᾱ
+        lose three to four significant digits near t = 0, where ᾱ ≈ 1.
+        """
+        return torch.cumsum(torch.log1p(-self.betas.to(torch.float64)), dim=0).exp()
+
     def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
         """ᾱ_t per row, with ᾱ_{-1} = 1 (clean data), shape (B,)."""
         t = t.long()

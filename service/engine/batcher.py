@@ -1,13 +1,13 @@
 """The inference engine: an asyncio-facing queue in front of a step-level continuous-batching loop.
 
-A request becomes ``num_images`` rows (:class:`~service.engine.step.RowGroup`). A dedicated worker
+A request becomes ``num_images`` rows (:class:`~service.diffusion.rows.RowGroup`). A dedicated worker
 thread owns the model and loops; each iteration it
 
 1. drops the rows of cancelled and expired requests (queued or running),
 2. admits queued requests, oldest first, while their rows fit in ``max_batch_rows`` (strict FIFO, so a
    large request at the head is never starved by smaller ones behind it),
 3. runs ONE UNet forward over all running rows — each at its own t, of its own sampler and step count —
-   and the per-row sampler updates (:func:`~service.engine.step.batched_step`),
+   and the per-row sampler updates (:func:`~service.diffusion.rows.batched_step`),
 4. posts progress events and retires finished requests, resolving their futures on the submitting event
    loop with ``loop.call_soon_threadsafe``.
 
@@ -51,6 +51,8 @@ from prometheus_client import CollectorRegistry
 
 from service.diffusion.checkpoint import DiffusionModel
 from service.diffusion.pipeline import prepare_unet
+from service.diffusion.rows import RowGroup, batched_step
+from service.diffusion.samplers import get_sampler
 from service.engine.client import (
     EngineError,
     EngineNotReadyError,
@@ -64,7 +66,6 @@ from service.engine.client import (
 )
 from service.engine.handle import Handle, post
 from service.engine.runner import UNetRunner
-from service.engine.step import RowGroup, batched_step
 from service.metrics import EngineMetrics
 
 __all__ = ["DTYPES", "Engine", "EngineSettings", "claim_threads_for_worker"]
@@ -292,6 +293,7 @@ class Engine:
                 "queued_rows": float(self._queued_rows),
                 "active_requests": float(len(self._active)),
                 "active_rows": float(self._active_rows),
+                "sampler_state_bytes": float(sum(e.group.state_bytes for e in self._active if e.group is not None)),
                 "max_batch_rows": float(self.settings.max_batch_rows),
                 "max_queue_rows": float(self.settings.max_queue_rows),
                 "threads": float(self._threads),
@@ -311,10 +313,9 @@ class Engine:
         limit = self.settings.max_batch_rows
         if not 1 <= r.num_images <= limit:
             raise ValueError(f"num_images must be in 1..{limit} (max_batch_rows), got {r.num_images}")
-        if r.sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {r.sampler!r}")
-        if not 1 <= r.steps <= self.model.spec.num_train_timesteps:
-            raise ValueError(f"steps must be in 1..{self.model.spec.num_train_timesteps}, got {r.steps}")
+        sampler = get_sampler(r.sampler)  # ValueError names the known samplers
+        spacing = r.timestep_spacing or self.model.spec.default_spacing(r.sampler)
+        sampler.check(self.model.spec.num_train_timesteps, r.steps, spacing)
         if not 0.0 <= r.eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {r.eta}")
         if r.timeout_s is not None and r.timeout_s <= 0:
@@ -422,6 +423,7 @@ class Engine:
                 sampler=r.sampler,
                 steps=r.steps,
                 eta=r.eta,
+                timestep_spacing=entry.group.plan.spacing,
                 queue_seconds=(h.admitted_at or now) - h.submitted_at,
                 total_seconds=now - h.submitted_at,
             )
@@ -488,7 +490,8 @@ class Engine:
                 r0 = time.perf_counter()
                 for e in admitted:
                     r = e.handle.request
-                    e.group = RowGroup.start(self.model, r.num_images, r.seed, r.sampler, r.steps, r.eta, self._device)
+                    e.group = RowGroup.start(self.model, r.num_images, r.seed, r.sampler, r.steps, r.eta,
+                                             r.timestep_spacing, self._device)
                     e.handle.admitted_at = now
                 batched_step(self.model, [e.group for e in running if e.group is not None], self._dtype, self._forward)
                 seconds = time.perf_counter() - r0

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from service.diffusion.samplers import SamplerName
+from service.diffusion.samplers import Spacing
 from service.diffusion.schedule import NoiseSchedule, VarianceType
 
 __all__ = [
@@ -58,9 +58,10 @@ class RequestCancelledError(EngineError):
 class GenerationRequest:
     num_images: int  # rows of this request, 1..max_images_per_request
     seed: int  # row i draws all its noise from row_generator(seed, i)
-    sampler: SamplerName = "ddpm"  # "ddpm" (ancestral, possibly respaced) or "ddim"
-    steps: int = 1000  # length of the request's own timestep sequence, 1..T
-    eta: float = 0.0  # DDIM stochasticity η in [0, 1]; ignored by ddpm
+    sampler: str = "ddpm"  # a name of service.diffusion.samplers.SAMPLERS
+    steps: int = 1000  # length of the request's own timestep sequence (1..T, 1..T−1 for the ODE solvers)
+    eta: float = 0.0  # DDIM stochasticity η in [0, 1]; ignored by the other samplers
+    timestep_spacing: Spacing | None = None  # None = the model's default for the sampler
     timeout_s: float | None = None  # deadline relative to submission; None = engine default
     preview_every: int = 0  # emit a predicted-x_0 preview every k steps (0 = progress only)
 
@@ -76,9 +77,10 @@ class ProgressEvent:
 class GenerationResult:
     images: torch.Tensor  # (N, C, H, W) float32 in [-1, 1], on the CPU
     seed: int
-    sampler: SamplerName
+    sampler: str
     steps: int
     eta: float
+    timestep_spacing: Spacing
     queue_seconds: float = 0.0  # submission → first step
     total_seconds: float = 0.0  # submission → completion
 

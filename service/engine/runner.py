@@ -20,7 +20,7 @@ from contextlib import nullcontext
 import torch
 
 from service.diffusion.checkpoint import DiffusionModel
-from service.diffusion.pipeline import predict_eps
+from service.diffusion.rows import predict_eps
 
 __all__ = ["UNetRunner"]
 

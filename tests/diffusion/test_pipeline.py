@@ -7,8 +7,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from service.diffusion.checkpoint import DiffusionModel
-from service.diffusion.pipeline import predict_eps, prepare_unet, sample
-from service.diffusion.samplers import row_generator
+from service.diffusion.pipeline import prepare_unet, sample
+from service.diffusion.rows import predict_eps, row_generator
 from service.diffusion.unet import UNet, UNetConfig
 
 
@@ -26,7 +26,6 @@ def _scheduler_kwargs(model: DiffusionModel) -> dict:
         "beta_end": s.beta_end,
         "beta_schedule": "linear",
         "clip_sample": s.clip_sample,
-        "timestep_spacing": "trailing",
     }
 
 
@@ -59,11 +58,7 @@ def test_ddim_eta0_from_init_noise_equals_diffusers(tiny_model: DiffusionModel) 
 def test_stochastic_loop_for_one_image_equals_diffusers_with_the_rows_generator(
     tiny_model: DiffusionModel, sampler: str, steps: int
 ) -> None:
-    """One row draws x_T then each step's z from its own generator, in the order diffusers' loop does.
-
-    (Our last step adds no noise into clean data; diffusers draws it last, scaled by ~0 for
-    fixed_small and η-DDIM, so the streams stay aligned.)
-    """
+    """One row draws x_T then each step's z from its own generator, in the order diffusers' loop does."""
     seed = 1234
     ours = sample(tiny_model, 1, seed=seed, sampler=sampler, steps=steps, eta=1.0)  # type: ignore[arg-type]
     gen = row_generator(seed, 0)

@@ -1,246 +1,236 @@
-"""DDPM / respaced DDPM / DDIM updates against diffusers' schedulers (test-only oracle), tolerance 1e-5.
+"""Every sampler against diffusers' scheduler of its family (test-only oracle), whole sequences, tolerance 1e-5.
 
-diffusers keeps its tables in float32 and forms 1 - ᾱ_t/ᾱ_{t_prev} and 1 - ᾱ from them, which costs
-it three to four significant digits near t = 0 (errors up to ~3e-4 against float64). Our samplers
-form those from log ᾱ in float64 (see ``samplers._StepAlphas``). So the oracle is diffusers' own
-``step`` code with its tables promoted to float64 (:func:`_float64`), fed float64 inputs; the stock
-float32 scheduler is compared too, within its own rounding error.
+Both sides run the same model — an analytic ε_θ(x, t) — from the same x_T with the same noise, and every
+step's output is compared. diffusers keeps ᾱ in float32, which costs 1 − ᾱ three to four significant
+digits near t = 0 (errors up to ~3e-4); our plans form their coefficients from float64 ᾱ. So the oracle is
+diffusers' own code with its tables recomputed in float64 from the same float32 betas (:func:`float64_tables`),
+fed float64 inputs; the stock float32 schedulers are compared too, within their own rounding.
 """
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
-from service.diffusion.samplers import ddim_step, ddpm_step, make_noise, row_generator, timesteps
+from service.diffusion.samplers import Rows, SamplerOptions, get_sampler
+from service.diffusion.samplers.spacing import discrete_timesteps
 from service.diffusion.schedule import NoiseSchedule
 
 T = 1000
-SHAPE = (3, 2, 5, 5)
+SHAPE = (2, 1, 5, 5)
 TOL = {"rtol": 0, "atol": 1e-5}
-# x̂_0 = (x_t - √(1-ᾱ_t) ε)/√ᾱ_t divides float32 rounding of the numerator by √ᾱ_999 ≈ 6e-3
-X0_TOL = {"rtol": 1e-4, "atol": 1e-5}
+STEPS = [5, 10, 20, 50]
+SCHEDULE = NoiseSchedule.create("linear", T)
+ABAR = SCHEDULE.alphas_cumprod_f64()
+X0 = torch.linspace(-0.9, 0.9, math.prod(SHAPE[1:]), dtype=torch.float64).reshape(SHAPE[1:])  # the "data"
 
 
-@pytest.fixture(scope="module")
-def sched() -> NoiseSchedule:
-    return NoiseSchedule.create("linear", T)
+def model_eps(x: torch.Tensor, t: int) -> torch.Tensor:
+    """ε_θ(x, t): the exact ε for data X0, plus a smooth nonlinear error so the solvers' orders matter."""
+    abar = ABAR[t].to(x.dtype)
+    return (x - abar.sqrt() * X0.to(x.dtype)) / (1 - abar).sqrt() + 0.3 * torch.tanh(2 * x) * math.sin(t / 150)
 
 
-def _state(t: int, seed: int = 0, model_error: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A realistic (x_t, ε_θ, z): x_t from data in [-1, 1], ε_θ = true noise + error (so clipping matters)."""
-    gen = torch.Generator().manual_seed(seed * 10_000 + t)
-    x0 = torch.rand(SHAPE, generator=gen) * 2 - 1
-    eps_true = torch.randn(SHAPE, generator=gen)
-    abar = NoiseSchedule.create("linear", T).alphas_cumprod[t]
-    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps_true
-    eps = eps_true + model_error * torch.randn(SHAPE, generator=gen)
-    return x_t, eps, torch.randn(SHAPE, generator=gen)
+def float64_tables(s):
+    """A diffusers scheduler with its tables recomputed in float64 from its float32 betas (set_timesteps after)."""
+    s.betas = s.betas.double()
+    s.alphas = 1.0 - s.betas
+    s.alphas_cumprod = torch.cumprod(s.alphas, dim=0)
+    if hasattr(s, "lambda_t"):  # DPM-Solver / UniPC
+        s.alpha_t, s.sigma_t = s.alphas_cumprod.sqrt(), (1 - s.alphas_cumprod).sqrt()
+        s.lambda_t = s.alpha_t.log() - s.sigma_t.log()
+        s.sigmas = ((1 - s.alphas_cumprod) / s.alphas_cumprod) ** 0.5
+    if hasattr(s, "one"):
+        s.one = torch.tensor(1.0, dtype=torch.float64)
+    if hasattr(s, "final_alpha_cumprod"):
+        one = torch.tensor(1.0, dtype=torch.float64)
+        s.final_alpha_cumprod = one if s.config.set_alpha_to_one else s.alphas_cumprod[0]
+    return s
 
 
-def _float64(ref: DDPMScheduler | DDIMScheduler) -> DDPMScheduler | DDIMScheduler:
-    """Promote a diffusers scheduler's tables to float64 (same formulas, recomputed from float64 betas)."""
-    ref.betas = ref.betas.double()
-    ref.alphas = 1.0 - ref.betas
-    ref.alphas_cumprod = torch.cumprod(ref.alphas, dim=0)
-    ref.one = torch.tensor(1.0, dtype=torch.float64)
-    if isinstance(ref, DDIMScheduler):
-        ref.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
-    return ref
+def noises(steps: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    return [torch.randn(SHAPE, generator=torch.Generator().manual_seed(100 + i), dtype=dtype) for i in range(steps)]
 
 
-def _diffusers_noise(seed: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Generator]:
-    """The noise diffusers' DDPMScheduler.step draws from ``Generator().manual_seed(seed)``, and that generator."""
-    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-    return noise, torch.Generator().manual_seed(seed)
+def x_T(dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(SHAPE, generator=torch.Generator().manual_seed(7), dtype=dtype)
 
 
-def _ddpm_refs(variance_type: str, clip: bool, custom: list[int] | None = None) -> list[DDPMScheduler]:
-    refs = [DDPMScheduler(num_train_timesteps=T, variance_type=variance_type, clip_sample=clip) for _ in range(2)]
-    if custom is not None:
-        for r in refs:
-            r.set_timesteps(timesteps=custom)
-    _float64(refs[1])
-    return refs
+def run_ours(name: str, steps: int, spacing: str, options: SamplerOptions, dtype: torch.dtype,
+             eta: float = 0.0) -> tuple[list[int], list[torch.Tensor]]:
+    """(timesteps, x after every step) of our sampler, its noise z_i = noises()[i] where it draws any."""
+    sampler = get_sampler(name)
+    plan = sampler.plan(SCHEDULE, steps, spacing, options)  # type: ignore[arg-type]
+    x, zs = x_T(dtype), noises(steps, dtype)
+    hist = torch.zeros(SHAPE[0], sampler.history_slots, *SHAPE[1:], dtype=dtype) if sampler.history_slots else None
+    out = []
+    for i, t in enumerate(plan.timesteps):
+        z = zs[i] if sampler.draws_noise(plan, i, eta) else torch.zeros_like(x)
+        step = sampler.step(Rows(x, model_eps(x, t), z, hist, [plan], [i], [eta], [SHAPE[0]]))
+        x, hist = step.prev_sample, step.history
+        out.append(x)
+    return list(plan.timesteps), out
 
 
-def _full(v: int) -> torch.Tensor:
-    return torch.full((SHAPE[0],), v, dtype=torch.long)
-
-
-@pytest.mark.parametrize("t", [0, 3, 500, 999])
-def test_q_sample_equals_diffusers_add_noise(sched: NoiseSchedule, t: int) -> None:
-    ref = DDPMScheduler(num_train_timesteps=T)
-    x0, eps, _ = _state(t)
-    tt = torch.tensor([t, 0, 999])  # per row
-    torch.testing.assert_close(sched.q_sample(x0, tt, eps), ref.add_noise(x0, eps, tt), **TOL)
-
-
-@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
-@pytest.mark.parametrize("clip", [True, False])
-@pytest.mark.parametrize("t", [999, 700, 250, 20, 1, 0])
-def test_ddpm_step_equals_diffusers(sched: NoiseSchedule, variance_type: str, clip: bool, t: int) -> None:
-    ref32, ref64 = _ddpm_refs(variance_type, clip)
-    x_t, eps, _ = _state(t)
-    # float64 oracle (same noise numbers, drawn in float64 as diffusers does for float64 inputs)
-    noise64, gen = _diffusers_noise(t, torch.float64)
-    out = ddpm_step(sched, x_t, eps, _full(t), _full(t - 1), noise64.float(), variance_type, clip)  # type: ignore[arg-type]
-    expected = ref64.step(eps.double(), t, x_t.double(), generator=gen)
-    torch.testing.assert_close(out.prev_sample.double(), expected.prev_sample, **TOL)
-    torch.testing.assert_close(out.pred_x0.double(), expected.pred_original_sample, **X0_TOL)
-    # the stock float32 scheduler, within its float32 rounding (largest near t = 0)
-    noise32, gen = _diffusers_noise(t)
-    out32 = ddpm_step(sched, x_t, eps, _full(t), _full(t - 1), noise32, variance_type, clip)  # type: ignore[arg-type]
-    torch.testing.assert_close(out32.prev_sample, ref32.step(eps, t, x_t, generator=gen).prev_sample, rtol=0, atol=1e-4)
-    if clip:
-        assert out.pred_x0.abs().max() <= 1.0
-    elif t > 500:
-        assert out.pred_x0.abs().max() > 1.0  # the unclipped case really differs from the clipped one
-
-
-@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
-@pytest.mark.parametrize("steps", [10, 37])
-def test_respaced_ddpm_equals_diffusers_custom_timesteps(sched: NoiseSchedule, variance_type: str, steps: int) -> None:
-    """Respaced betas β'_t = 1 - ᾱ_t/ᾱ_{t_prev} (Nichol & Dhariwal 2021) vs DDPMScheduler(timesteps=...).
-
-    Documented difference: on the last respaced step (t > 0, t_prev = -1) diffusers still adds
-    √β'_t z with β'_t = 1 - ᾱ_t for ``fixed_large`` (and √1e-20 z for ``fixed_small``); we add no
-    noise into clean data. Every other step is equal.
-    """
-    seq = timesteps(T, steps)
-    ref32, ref64 = _ddpm_refs(variance_type, True, seq)
-    assert ref64.timesteps.tolist() == seq
-    for i, t in enumerate(seq):
-        t_prev = seq[i + 1] if i + 1 < len(seq) else -1
-        x_t, eps, _ = _state(t, seed=steps)
-        noise, gen = _diffusers_noise(t, torch.float64)
-        out = ddpm_step(sched, x_t, eps, _full(t), _full(t_prev), noise.float(), variance_type).prev_sample  # type: ignore[arg-type]
-        expected = ref64.step(eps.double(), t, x_t.double(), generator=gen).prev_sample
-        noise32, gen = _diffusers_noise(t)
-        out32 = ddpm_step(sched, x_t, eps, _full(t), _full(t_prev), noise32, variance_type).prev_sample  # type: ignore[arg-type]
-        expected32 = ref32.step(eps, t, x_t, generator=gen).prev_sample
-        if t_prev < 0:
-            # the documented difference, exactly: diffusers' extra noise term into clean data
-            assert t > 0
-            sigma = (1 - sched.alphas_cumprod[t]).sqrt() if variance_type == "fixed_large" else 1e-10
-            out, out32 = out + sigma * noise, out32 + sigma * noise32
-        torch.testing.assert_close(out.double(), expected, **TOL)
-        torch.testing.assert_close(out32, expected32, rtol=0, atol=1e-4)
-
-
-def test_trailing_timesteps_equal_diffusers_spacing() -> None:
-    for steps in (1, 7, 10, 37, 50, 100, 999, 1000):
-        seq = timesteps(T, steps)
-        assert len(seq) == steps and seq[0] == T - 1 and seq == sorted(set(seq), reverse=True)
-        ddpm = DDPMScheduler(num_train_timesteps=T, timestep_spacing="trailing")
-        ddpm.set_timesteps(steps)
-        assert ddpm.timesteps.tolist() == seq
-        if T % steps == 0:
-            ddim = DDIMScheduler(num_train_timesteps=T, timestep_spacing="trailing")
-            ddim.set_timesteps(steps)
-            assert ddim.timesteps.tolist() == seq
-    assert timesteps(T, T) == list(range(T - 1, -1, -1))
-    with pytest.raises(ValueError):
-        timesteps(T, 0)
-    with pytest.raises(ValueError):
-        timesteps(T, T + 1)
-
-
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-@pytest.mark.parametrize("clip", [True, False])
-@pytest.mark.parametrize("steps", [10, 50])
-def test_ddim_step_equals_diffusers(sched: NoiseSchedule, eta: float, clip: bool, steps: int) -> None:
-    ref32, ref64 = (
-        DDIMScheduler(num_train_timesteps=T, timestep_spacing="trailing", clip_sample=clip, set_alpha_to_one=True)
-        for _ in range(2)
-    )
-    _float64(ref64)
-    seq = timesteps(T, steps)
-    for ref in (ref32, ref64):
-        ref.set_timesteps(steps)
-        assert ref.timesteps.tolist() == seq
-    for i, t in enumerate(seq):
-        t_prev = seq[i + 1] if i + 1 < len(seq) else -1
-        x_t, eps, noise = _state(t, seed=3)
-        out = ddim_step(sched, x_t, eps, _full(t), _full(t_prev), eta, noise, clip)
-        expected = ref64.step(eps.double(), t, x_t.double(), eta=eta, variance_noise=noise.double())
-        torch.testing.assert_close(out.prev_sample.double(), expected.prev_sample, **TOL)
-        torch.testing.assert_close(out.pred_x0.double(), expected.pred_original_sample, **X0_TOL)
-        stock = ref32.step(eps, t, x_t, eta=eta, variance_noise=noise).prev_sample
-        torch.testing.assert_close(out.prev_sample, stock, rtol=0, atol=1e-4)
-
-
-def test_ddim_eta0_is_deterministic_and_ignores_noise(sched: NoiseSchedule) -> None:
-    x_t, eps, noise = _state(500)
-    a = ddim_step(sched, x_t, eps, _full(500), _full(400), 0.0, noise).prev_sample
-    b = ddim_step(sched, x_t, eps, _full(500), _full(400), 0.0, None).prev_sample
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-def test_ddim_eta1_without_clipping_is_respaced_ddpm_fixed_small(sched: NoiseSchedule) -> None:
-    # Song et al. 2021, section 4.1: η = 1 makes the DDIM update the DDPM posterior (σ² = β̃').
-    for t, t_prev in ((999, 899), (500, 499), (120, 20)):
-        x_t, eps, noise = _state(t)
-        a = ddim_step(sched, x_t, eps, _full(t), _full(t_prev), 1.0, noise, clip_sample=False).prev_sample
-        b = ddpm_step(sched, x_t, eps, _full(t), _full(t_prev), noise, "fixed_small", clip_sample=False).prev_sample
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-def test_mixed_batch_equals_each_row_alone(sched: NoiseSchedule) -> None:
-    """Rows at different t, from different samplers and step counts, stepped in one batch."""
-    # (sampler, t, t_prev, eta, variance_type): DDPM-1000, DDIM-10, respaced DDPM-50, DDIM-50 η=0.5, last steps
-    rows = [
-        ("ddpm", 999, 998, 0.0, "fixed_small"),
-        ("ddim", 899, 799, 0.0, "fixed_small"),
-        ("ddpm", 519, 499, 0.0, "fixed_large"),
-        ("ddim", 59, 39, 0.5, "fixed_small"),
-        ("ddim", 99, -1, 1.0, "fixed_small"),
-        ("ddpm", 0, -1, 0.0, "fixed_small"),
-    ]
-    n = len(rows)
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(n, 1, 4, 4, generator=gen)
-    eps = torch.randn(n, 1, 4, 4, generator=gen)
-    noise = torch.randn(n, 1, 4, 4, generator=gen)
-    t = torch.tensor([r[1] for r in rows])
-    t_prev = torch.tensor([r[2] for r in rows])
-    eta = torch.tensor([r[3] for r in rows])
-    is_ddpm = torch.tensor([r[0] == "ddpm" for r in rows])[:, None, None, None]
-    is_large = torch.tensor([r[4] == "fixed_large" for r in rows])[:, None, None, None]
-    # what an engine does: every update over the whole batch, then pick each row's own
-    small = ddpm_step(sched, x, eps, t, t_prev, noise, "fixed_small").prev_sample
-    large = ddpm_step(sched, x, eps, t, t_prev, noise, "fixed_large").prev_sample
-    ddim = ddim_step(sched, x, eps, t, t_prev, eta, noise).prev_sample
-    batch = torch.where(is_ddpm, torch.where(is_large, large, small), ddim)
-    for i, (kind, ti, tpi, etai, vt) in enumerate(rows):
-        sl = slice(i, i + 1)
-        args = (x[sl], eps[sl], torch.tensor([ti]), torch.tensor([tpi]))
-        if kind == "ddpm":
-            alone = ddpm_step(sched, *args, noise[sl], vt).prev_sample  # type: ignore[arg-type]
+def run_diffusers(s, steps: int, dtype: torch.dtype, eta: float | None = None) -> tuple[list[int], list[torch.Tensor]]:
+    """diffusers' pipeline loop (predict ε, ``scheduler.step``) with the same noise: (timesteps, x after every step)."""
+    s.set_timesteps(steps)
+    x, zs = x_T(dtype), noises(steps, dtype)
+    out = []
+    for i, t in enumerate(s.timesteps):
+        eps = model_eps(x, int(t))
+        if isinstance(s, DDPMScheduler):  # draws its z from the generator: the same numbers as zs[i]
+            x = s.step(eps, t, x, generator=torch.Generator().manual_seed(100 + i)).prev_sample
+        elif isinstance(s, UniPCMultistepScheduler):
+            x = s.step(eps, t, x).prev_sample
+        elif isinstance(s, DDIMScheduler):
+            x = s.step(eps, t, x, eta=eta, variance_noise=zs[i]).prev_sample
         else:
-            alone = ddim_step(sched, *args, etai, noise[sl]).prev_sample
-        torch.testing.assert_close(batch[sl], alone, rtol=0, atol=0)
-    # rows stepping into clean data get no noise
-    torch.testing.assert_close(small[5:], ddpm_step(sched, x, eps, t, t_prev, None, "fixed_small").prev_sample[5:])
+            x = s.step(eps, t, x, variance_noise=zs[i]).prev_sample
+        out.append(x)
+    return s.timesteps.tolist(), out
 
 
-def test_unknown_variance_type_is_rejected(sched: NoiseSchedule) -> None:
-    x_t, eps, noise = _state(10)
+def assert_same_sequence(ours: tuple[list[int], list[torch.Tensor]], ref: tuple[list[int], list[torch.Tensor]],
+                         **tol: float) -> None:
+    assert ours[0] == ref[0], "timesteps differ"
+    for i, (a, b) in enumerate(zip(ours[1], ref[1], strict=True)):
+        torch.testing.assert_close(a.to(b.dtype), b, msg=lambda m, i=i: f"step {i}: {m}", **(tol or TOL))
+
+
+SPACING_KW = {
+    "linspace": {"timestep_spacing": "linspace"},
+    "leading": {"timestep_spacing": "leading", "steps_offset": 1},
+    "trailing": {"timestep_spacing": "trailing"},
+    "karras": {"use_karras_sigmas": True},
+    "logsnr": {"use_lu_lambdas": True},
+}
+
+
+def _options(spacing: str, **kw: object) -> SamplerOptions:
+    return SamplerOptions(steps_offset=1 if spacing == "leading" else 0, **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing", "karras", "logsnr"])
+@pytest.mark.parametrize(("name", "order", "algorithm"), [
+    ("dpmpp_2m", 2, "dpmsolver++"), ("dpmpp_3m", 3, "dpmsolver++"), ("dpmpp_2m_sde", 2, "sde-dpmsolver++"),
+])
+def test_dpm_solver_pp_equals_diffusers(name: str, order: int, algorithm: str, spacing: str, steps: int) -> None:
+    kw = {"num_train_timesteps": T, "solver_order": order, "algorithm_type": algorithm, **SPACING_KW[spacing]}
+    ref = float64_tables(DPMSolverMultistepScheduler(**kw))
+    ours = run_ours(name, steps, spacing, _options(spacing), torch.float64)
+    assert_same_sequence(ours, run_diffusers(ref, steps, torch.float64))
+    if steps == 10:  # the stock float32 scheduler, within its rounding
+        stock = run_diffusers(DPMSolverMultistepScheduler(**kw), steps, torch.float32)
+        assert_same_sequence(run_ours(name, steps, spacing, _options(spacing), torch.float32), stock, rtol=0, atol=2e-4)
+
+
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing", "karras"])
+def test_unipc_bh2_equals_diffusers(spacing: str, steps: int) -> None:
+    kw = {"num_train_timesteps": T, "solver_order": 2, "solver_type": "bh2", **SPACING_KW[spacing]}
+    ref = float64_tables(UniPCMultistepScheduler(**kw))
+    assert_same_sequence(run_ours("unipc", steps, spacing, _options(spacing), torch.float64),
+                         run_diffusers(ref, steps, torch.float64))
+
+
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+def test_ddpm_equals_diffusers(variance_type: str, spacing: str, steps: int) -> None:
+    kw = {"num_train_timesteps": T, "variance_type": variance_type, **SPACING_KW[spacing]}
+    ref = float64_tables(DDPMScheduler(**kw))
+    options = _options(spacing, variance_type=variance_type)
+    ours = run_ours("ddpm", steps, spacing, options, torch.float64)
+    assert_same_sequence(ours, run_diffusers(ref, steps, torch.float64))
+
+
+@pytest.mark.parametrize("steps", STEPS)
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize(("eta", "clip", "alpha_one"), [(0.0, True, True), (0.5, True, False), (1.0, False, True)])
+def test_ddim_equals_diffusers(eta: float, clip: bool, alpha_one: bool, spacing: str, steps: int) -> None:
+    kw = {"num_train_timesteps": T, "clip_sample": clip, "set_alpha_to_one": alpha_one, **SPACING_KW[spacing]}
+    ref = float64_tables(DDIMScheduler(**kw))
+    options = _options(spacing, clip_sample=clip, set_alpha_to_one=alpha_one)
+    ours = run_ours("ddim", steps, spacing, options, torch.float64, eta=eta)
+    assert_same_sequence(ours, run_diffusers(ref, steps, torch.float64, eta=eta))
+
+
+def test_full_chain_ddpm_in_float32_equals_the_stock_scheduler() -> None:
+    ours = run_ours("ddpm", T, "leading", SamplerOptions(), torch.float32)
+    assert_same_sequence(ours, run_diffusers(DDPMScheduler(num_train_timesteps=T), T, torch.float32), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("solver", [True, False])
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+def test_discrete_spacings_equal_diffusers_for_every_step_count(spacing: str, solver: bool) -> None:
+    cls = DPMSolverMultistepScheduler if solver else DDIMScheduler
+    for steps in (1, 2, 3, 7, 15, 37, 100, 999):
+        ref = cls(num_train_timesteps=T, timestep_spacing=spacing, steps_offset=1 if spacing == "leading" else 0)
+        ref.set_timesteps(steps)
+        ours = discrete_timesteps(T, steps, spacing, 1 if spacing == "leading" else 0, solver=solver)  # type: ignore[arg-type]
+        assert ours.tolist() == ref.timesteps.tolist(), (spacing, steps)
+
+
+def test_trailing_starts_at_pure_noise_and_covers_the_full_chain() -> None:
+    assert discrete_timesteps(T, T, "trailing").tolist() == list(range(T - 1, -1, -1))
+    for steps in (1, 10, 37):
+        assert discrete_timesteps(T, steps, "trailing")[0] == T - 1
+
+
+def test_karras_and_logsnr_levels_follow_their_formulas() -> None:
+    options = SamplerOptions()
+    sigma = lambda abar: np.sqrt((1 - np.array(abar)) / np.array(abar))  # noqa: E731
+    karras = get_sampler("dpmpp_2m").plan(SCHEDULE, 10, "karras", options)
+    s = sigma(karras.alphas_cumprod)
+    lo, hi = sigma(ABAR[0].item()), sigma(ABAR[-1].item())
+    expected = (hi ** (1 / 7) + np.linspace(0, 1, 10) * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7  # Karras et al. eq. 5
+    np.testing.assert_allclose(s, expected, rtol=1e-12)
+    logsnr = get_sampler("unipc").plan(SCHEDULE, 10, "logsnr", options)
+    log_s = np.log(sigma(logsnr.alphas_cumprod))
+    np.testing.assert_allclose(np.diff(log_s), np.full(9, (np.log(lo) - np.log(hi)) / 9), rtol=1e-10)
+    for plan in (karras, logsnr):  # the solver's levels end at σ = 0; the UNet gets the nearest training steps
+        assert plan.alphas_cumprod_next[-1] == 1.0
+        assert list(plan.timesteps) == sorted(plan.timesteps, reverse=True)
+        assert plan.timesteps[0] == T - 1 and plan.timesteps[-1] == 0
+
+
+def test_ddim_eta1_without_clipping_is_respaced_ddpm_fixed_small() -> None:
+    # Song et al. 2021, section 4.1: η = 1 makes the DDIM update the DDPM posterior (σ² = β̃').
+    options = SamplerOptions(clip_sample=False)
+    ddim = run_ours("ddim", 10, "trailing", options, torch.float64, eta=1.0)
+    ddpm = run_ours("ddpm", 10, "trailing", options, torch.float64)
+    assert_same_sequence(ddim, ddpm, rtol=1e-9, atol=1e-9)
+
+
+def test_ddim_eta0_draws_no_noise_and_dpm_sde_none_into_clean_data() -> None:
+    for name, eta in (("ddim", 0.0), ("dpmpp_2m", 0.0), ("unipc", 0.0)):
+        s = get_sampler(name)
+        plan = s.plan(SCHEDULE, 10, s.default_spacing, SamplerOptions())
+        assert not any(s.draws_noise(plan, i, eta) for i in range(10))
+    sde = get_sampler("dpmpp_2m_sde")
+    plan = sde.plan(SCHEDULE, 10, "linspace", SamplerOptions())
+    assert [sde.draws_noise(plan, i, 0.0) for i in range(10)] == [True] * 9 + [False]
+
+
+@pytest.mark.parametrize(("name", "spacing", "steps", "message"), [
+    ("ddim", "karras", 10, "does not support"),
+    ("ddpm", "linspace", 0, "steps must be in 1..1000"),
+    ("dpmpp_2m", "linspace", 1000, "steps must be in 1..999"),
+    ("unipc", "sideways", 10, "does not support"),
+])
+def test_unrunnable_requests_are_refused(name: str, spacing: str, steps: int, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        get_sampler(name).plan(SCHEDULE, steps, spacing, SamplerOptions())  # type: ignore[arg-type]
+
+
+def test_unknown_sampler_and_variance_type_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown sampler 'euler'; expected one of ddpm, ddim, dpmpp_2m"):
+        get_sampler("euler")
     with pytest.raises(ValueError, match="variance"):
-        ddpm_step(sched, x_t, eps, _full(10), _full(9), noise, "learned")  # type: ignore[arg-type]
-
-
-def test_row_noise_does_not_depend_on_the_batch() -> None:
-    a = make_noise((3, 1, 4, 4), [row_generator(42, r) for r in range(3)])
-    b = make_noise((1, 1, 4, 4), [row_generator(42, 1)])
-    torch.testing.assert_close(a[1:2], b, rtol=0, atol=0)
-    assert not torch.equal(a[0], a[1])
-    assert not torch.equal(a[0], make_noise((1, 1, 4, 4), [row_generator(43, 0)])[0])
-    # a row's second draw (its first z) continues its own stream
-    g = row_generator(42, 2)
-    make_noise((1, 1, 4, 4), [g])
-    second = make_noise((1, 1, 4, 4), [g])
-    gens = [row_generator(42, r) for r in range(3)]
-    make_noise((3, 1, 4, 4), gens)
-    torch.testing.assert_close(make_noise((3, 1, 4, 4), gens)[2:], second, rtol=0, atol=0)
+        run_ours("ddpm", 5, "leading", SamplerOptions(variance_type="learned"), torch.float64)  # type: ignore[arg-type]

@@ -2,7 +2,7 @@
 
 Ho et al. 2020: ε_θ(x_t, t) from the UNet, x̂_0 from eq. (15) (clipped to [-1, 1] when the model
 samples that way), the posterior q(x_{t-1} | x_t, x̂_0) of eq. (6)-(7), then Algorithm 2, line 4:
-x_{t-1} = μ̃_t + σ_t z, with no noise at t = 0. The update is ``samplers.ddpm_step`` — the one the
+x_{t-1} = μ̃_t + σ_t z, with no noise at t = 0. The update is ``samplers.ddpm.posterior_step`` — the math the
 engine applies — so a chain of calls from t = T-1 reproduces ``POST /generate`` (ddpm, steps = T).
 """
 
@@ -17,7 +17,8 @@ from service.api.deps import EngineDep, SettingsDep
 from service.api.encoding import InputError, b64_npy, b64_png, decode_b64, decode_image, decode_npy
 from service.api.errors import error_responses, invalid
 from service.api.schemas import DenoiseStepRequest, DenoiseStepResponse
-from service.diffusion.samplers import ddpm_step, row_generator
+from service.diffusion.rows import row_generator
+from service.diffusion.samplers.ddpm import posterior_step
 from service.diffusion.schedule import NoiseSchedule
 
 __all__ = ["generation_noise", "router"]
@@ -84,25 +85,23 @@ async def denoise_step(body: DenoiseStepRequest, engine: EngineDep, settings: Se
         z = torch.zeros(shape)  # t = 0 steps into clean data: no noise
     variance = body.variance or info.variance_type
     t = torch.tensor([body.t], dtype=torch.long)
-    t_prev = t - 1
     x = x_t[None]
     eps = await engine.predict_eps(x, t)  # (1, C, H, W) on the engine's worker
     schedule: NoiseSchedule = info.schedule
-    mean = ddpm_step(schedule, x, eps, t, t_prev, None, variance, info.clip_sample)
-    out = ddpm_step(schedule, x, eps, t, t_prev, z[None], variance, info.clip_sample)
     added = z if body.t > 0 else torch.zeros_like(z)
+    x_prev, x0_pred, mean = posterior_step(schedule, x, eps, body.t, added[None], variance, info.clip_sample)
     sigma2 = schedule.posterior_variance if variance == "fixed_small" else schedule.betas
     return DenoiseStepResponse(
         t=body.t,
         seed=seed,
         variance=variance,
-        x_prev=b64_npy(out.prev_sample[0]),
+        x_prev=b64_npy(x_prev[0]),
         eps=b64_npy(eps[0]),
-        x0_pred=b64_npy(mean.pred_x0[0]),
-        posterior_mean=b64_npy(mean.prev_sample[0]),
+        x0_pred=b64_npy(x0_pred[0]),
+        posterior_mean=b64_npy(mean[0]),
         noise=b64_npy(added),
-        x_prev_png=b64_png(out.prev_sample[0]),
-        x0_pred_png=b64_png(mean.pred_x0[0]),
+        x_prev_png=b64_png(x_prev[0]),
+        x0_pred_png=b64_png(x0_pred[0]),
         alpha_t=_scalar(schedule.alphas, body.t),
         alpha_bar_t=_scalar(schedule.alphas_cumprod, body.t),
         alpha_bar_prev=_scalar(schedule.alphas_cumprod_prev, body.t),

@@ -24,7 +24,7 @@ from service.api.encoding import (
 )
 from service.api.errors import error_responses, invalid
 from service.api.schemas import MAX_SEED, NoiseExamplesResponse, NoiseResponse
-from service.diffusion.samplers import make_noise, row_generator
+from service.diffusion.rows import make_noise, row_generator
 from service.diffusion.schedule import NoiseSchedule
 from service.imaging import grid, npy_bytes, png_bytes
 
