@@ -50,9 +50,9 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from service.diffusion.checkpoint import DiffusionModel
-from service.diffusion.pipeline import prepare_unet
+from service.diffusion.pipeline import default_steps, prepare_unet
 from service.diffusion.rows import RowGroup, batched_step
-from service.diffusion.samplers import get_sampler
+from service.diffusion.samplers import SAMPLERS, get_sampler
 from service.engine.client import (
     EngineError,
     EngineNotReadyError,
@@ -156,6 +156,9 @@ class Engine:
             device=str(self._device),
             dtype=settings.dtype,
             schedule=model.schedule,
+            default_steps={name: default_steps(model, name) for name in SAMPLERS},
+            max_steps={name: s.max_steps(spec.num_train_timesteps) for name, s in SAMPLERS.items()},
+            default_timestep_spacing={name: spec.default_spacing(name) for name in SAMPLERS},
         )
         self.metrics.set_model(spec.name, model.sha256, str(self._device), settings.dtype)
         self.metrics.ready.set(0)

@@ -98,6 +98,9 @@ class ModelInfo:
     device: str
     dtype: str
     schedule: NoiseSchedule = field(repr=False)
+    default_steps: dict[str, int] = field(default_factory=dict)  # per sampler name
+    max_steps: dict[str, int] = field(default_factory=dict)  # per sampler name
+    default_timestep_spacing: dict[str, Spacing] = field(default_factory=dict)  # per sampler name
 
 
 class RequestHandle(Protocol):

@@ -58,7 +58,16 @@ def test_health_ready_and_model(server: Server, model_t1000: Path) -> None:
     assert info["schedule"]["beta_start"] == pytest.approx(1e-4) and info["schedule"]["beta_end"] == pytest.approx(0.02)
     assert info["variance_type"] == "fixed_small"
     assert info["device"] == "cpu" and info["dtype"] == "float32"
-    assert info["samplers"] == ["ddpm", "ddim"]
+    assert info["samplers"] == ["ddpm", "ddim", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc"]
+    assert info["default_steps"] == {"ddpm": T, "ddim": 50, "dpmpp_2m": 20, "dpmpp_3m": 20, "dpmpp_2m_sde": 20,
+                                     "unipc": 20}
+    assert info["max_steps"]["ddpm"] == T and info["max_steps"]["unipc"] == T - 1
+    assert info["timestep_spacings"]["ddim"] == ["leading", "trailing", "linspace"]
+    assert info["timestep_spacings"]["dpmpp_2m"] == ["leading", "trailing", "linspace", "karras", "logsnr"]
+    # no "sampling" in the tiny model's config.json: diffusers' class defaults
+    assert info["default_timestep_spacing"] == {"ddpm": "leading", "ddim": "leading", "dpmpp_2m": "linspace",
+                                                "dpmpp_3m": "linspace", "dpmpp_2m_sde": "linspace",
+                                                "unipc": "linspace"}
     assert info["max_images_per_request"] == 8
     assert info["examples"] == ["bar", "ring"]
 
@@ -129,6 +138,28 @@ def test_generate_npy_matches_offline_sampler(server: Server, model_t1000: Path)
         finally:
             torch.set_num_threads(threads)
         np.testing.assert_allclose(arr, offline.numpy(), atol=1e-4)  # threads differ: conv sums reorder
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "unipc"])
+def test_every_new_sampler_in_every_format(server: Server, model_t1000: Path, sampler: str) -> None:
+    """png, json and npy of one request agree, and equal the offline sampler with the same spacing."""
+    base = {"sampler": sampler, "steps": 6, "num_images": 2, "seed": 77, "timestep_spacing": "karras"}
+    arr = npy(server.client.post("/generate", json={**base, "format": "npy"}).content)
+    body = server.client.post("/generate", json={**base, "format": "json"}).json()
+    grid_png = server.client.post("/generate", json={**base, "format": "png"})
+    assert body["sampler"] == sampler and body["steps"] == 6 and body["timestep_spacing"] == "karras"
+    assert grid_png.status_code == 200 and grid_png.headers["x-seed"] == "77"
+    decoded = np.stack([np.asarray(png(base64.b64decode(b)), np.float32) for b in body["images"]])
+    np.testing.assert_allclose(decoded, np.round((arr[:, 0] + 1) * 127.5), atol=1)  # PNG = quantised npy
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        offline = sample(load_model(model_t1000), 2, 77, sampler, 6, spacing="karras")
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_allclose(arr, offline.numpy(), atol=1e-4)
+    default = server.client.post("/generate", json={"sampler": sampler, "steps": 6, "seed": 1, "format": "json"})
+    assert default.json()["timestep_spacing"] == "linspace"  # the model's (here: diffusers') default
 
 
 def test_generate_reports_random_seed_that_reproduces(server: Server) -> None:

@@ -50,6 +50,10 @@ GENERATE_422 = [
     ({"steps": 1001}, "steps"),  # > T
     ({"steps": 0}, "steps"),
     ({"sampler": "euler"}, "sampler"),
+    ({"sampler": "ddim", "timestep_spacing": "karras"}, "timestep_spacing"),  # not a DDIM spacing
+    ({"sampler": "dpmpp_2m", "timestep_spacing": "sideways"}, "timestep_spacing"),
+    ({"sampler": "dpmpp_3m", "steps": 1000}, "steps"),  # > T − 1 for the ODE solvers
+    ({"sampler": "unipc", "steps": 0}, "steps"),
     ({"sampler": "ddim", "eta": 1.5}, "eta"),
     ({"sampler": "ddim", "eta": -0.1}, "eta"),
     ({"seed": -1}, "seed"),

@@ -55,15 +55,17 @@ def test_engine_images_equal_pipeline_sample(tiny_model: DiffusionModel, run_eng
         assert 0.0 <= res.queue_seconds <= res.total_seconds
 
 
-def test_same_request_alone_or_amid_five_others_gives_the_same_pixels(run_engine) -> None:
-    target = Req(3, seed=1234, sampler="ddpm", steps=40)
-    others = [
-        Req(2, seed=1, sampler="ddim", steps=10),
-        Req(1, seed=2, sampler="ddim", steps=25, eta=1.0),
-        Req(4, seed=3, sampler="ddpm", steps=60),
-        Req(2, seed=4, sampler="ddpm", steps=7),
-        Req(1, seed=5, sampler="ddim", steps=40, eta=0.3),
-    ]
+SAMPLER_MIX = [  # (sampler, steps, eta)
+    ("ddpm", 40, 0.0), ("ddim", 25, 1.0), ("dpmpp_2m", 12, 0.0), ("dpmpp_3m", 20, 0.0), ("dpmpp_2m_sde", 15, 0.0),
+    ("unipc", 10, 0.0),
+]
+
+
+@pytest.mark.parametrize(("sampler", "steps", "eta"), SAMPLER_MIX)
+def test_same_request_alone_or_amid_five_others_gives_the_same_pixels(run_engine, sampler, steps, eta) -> None:
+    target = Req(3, seed=1234, sampler=sampler, steps=steps, eta=eta)
+    others = [Req(1 + i % 3, seed=i, sampler=s, steps=n + i, eta=e)
+              for i, (s, n, e) in enumerate(m for m in SAMPLER_MIX if m[0] != sampler)]
 
     async def alone(engine: Engine) -> torch.Tensor:
         return (await engine.submit(target).result()).images
@@ -81,6 +83,28 @@ def test_same_request_alone_or_amid_five_others_gives_the_same_pixels(run_engine
     b, iterations = run_engine(amid)
     assert iterations < sum(r.steps for r in [target, *others])  # rows really shared forwards
     assert (a - b).abs().max().item() <= 1 / 255
+
+
+def test_cancelling_a_multistep_request_frees_its_state_at_the_next_iteration(run_engine) -> None:
+    async def body(engine: Engine) -> tuple:
+        victim = engine.submit(Req(4, seed=0, sampler="dpmpp_3m", steps=200))
+        other = engine.submit(Req(1, seed=1, sampler="unipc", steps=150))
+        events = victim.events()
+        for _ in range(3):
+            await anext(events)
+        before = engine.stats()
+        victim.cancel()
+        with pytest.raises(RequestCancelledError):
+            await victim.result()
+        after = engine.stats()
+        await other.result()
+        return before, after, engine.stats()
+
+    before, after, final = run_engine(body)
+    image = 1 * 8 * 8 * 4  # one float32 image of the tiny model
+    assert before["sampler_state_bytes"] == (4 * 2 + 1 * 3) * image  # 3M keeps 2 x̂_0, UniPC x and 2 x̂_0 per row
+    assert after["sampler_state_bytes"] == 1 * 3 * image and after["active_rows"] == 1
+    assert final["sampler_state_bytes"] == 0 and final["active_rows"] == 0
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from service.api.encoding import b64_png
 from service.api.errors import CLIENT_CLOSED_REQUEST, engine_error_status, error_responses, invalid
 from service.api.schemas import GenerateRequest, GenerateResponse, ProgressData, StreamErrorData
 from service.config import Settings
+from service.diffusion.samplers import get_sampler
 from service.engine.client import EngineClient, EngineError, GenerationRequest, GenerationResult, ProgressEvent
 from service.imaging import grid, npy_bytes, png_bytes
 
@@ -71,9 +72,16 @@ def generation_request(
             "num_images", f"must be in 1..{limit} (DDPM_MAX_IMAGES_PER_REQUEST, at most DDPM_MAX_BATCH_ROWS), "
             f"got {body.num_images}"
         )
-    steps = body.steps if body.steps is not None else (big_t if body.sampler == "ddpm" else min(50, big_t))
-    if steps > big_t:
-        raise invalid("steps", f"must be in 1..{big_t} (T of this model), got {steps}")
+    info = engine.model_info
+    steps = body.steps if body.steps is not None else info.default_steps[body.sampler]
+    spacing = body.timestep_spacing or info.default_timestep_spacing[body.sampler]
+    sampler = get_sampler(body.sampler)
+    if spacing not in sampler.spacings:
+        raise invalid("timestep_spacing", f"{spacing!r} is not supported by sampler {body.sampler!r}; "
+                      f"supported: {', '.join(sampler.spacings)}")
+    top = sampler.max_steps(big_t)
+    if steps > top:
+        raise invalid("steps", f"must be in 1..{top} for sampler {body.sampler!r} (T = {big_t}), got {steps}")
     seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
     every = (settings.preview_every or max(1, steps // 10)) if previews else 0
     return GenerationRequest(
@@ -81,7 +89,8 @@ def generation_request(
         seed=seed,
         sampler=body.sampler,
         steps=steps,
-        eta=body.eta if body.sampler == "ddim" else 0.0,
+        eta=body.eta if sampler.uses_eta else 0.0,
+        timestep_spacing=spacing,
         timeout_s=settings.request_timeout_s,
         preview_every=every,
     )
@@ -93,6 +102,7 @@ def result_payload(result: GenerationResult) -> dict:
         sampler=result.sampler,
         steps=result.steps,
         eta=result.eta,
+        timestep_spacing=result.timestep_spacing,
         images=[b64_png(img) for img in result.images],
         shape=list(result.images.shape),
         queue_seconds=result.queue_seconds,
@@ -107,10 +117,14 @@ def result_payload(result: GenerationResult) -> dict:
     responses={200: _GENERATE_200, **_ERRORS},
 )
 async def generate(body: GenerateRequest, request: Request, engine: EngineDep, settings: SettingsDep) -> Response:
-    """Sample `num_images` images with DDPM (Ho et al. 2020, Algorithm 2) or DDIM (Song et al. 2021).
+    """Sample `num_images` images with one of the samplers of `GET /v1/model`.
 
-    The request joins the engine's running batch at its next iteration. The same `seed`, `sampler`,
-    `steps` and `eta` always give the same images. A client that disconnects cancels its request.
+    `ddpm` is ancestral sampling (Ho et al. 2020, Algorithm 2), `ddim` DDIM (Song et al. 2021);
+    `dpmpp_2m`, `dpmpp_3m` (DPM-Solver++, Lu et al. 2022) and `unipc` (Zhao et al. 2023) are multistep
+    ODE solvers that reach near-converged images in 10–20 steps; `dpmpp_2m_sde` is the stochastic
+    DPM-Solver++. The request joins the engine's running batch at its next iteration. The same `seed`,
+    `sampler`, `steps`, `timestep_spacing` and `eta` always give the same images. A client that
+    disconnects cancels its request.
     """
     greq = generation_request(body, engine, settings)
     handle = submit(engine, greq)

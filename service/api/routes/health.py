@@ -8,6 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api.errors import error_responses
 from service.api.schemas import HealthResponse, ModelResponse, ScheduleInfo
+from service.diffusion.samplers import SAMPLERS
 from service.engine.client import EngineClient
 
 __all__ = ["router"]
@@ -60,8 +61,11 @@ async def model(request: Request) -> ModelResponse:
         clip_sample=info.clip_sample,
         device=info.device,
         dtype=info.dtype,
-        samplers=["ddpm", "ddim"],
-        default_steps={"ddpm": big_t, "ddim": min(50, big_t)},
+        samplers=list(SAMPLERS),
+        default_steps=info.default_steps,
+        max_steps=info.max_steps,
+        timestep_spacings={name: list(s.spacings) for name, s in SAMPLERS.items()},
+        default_timestep_spacing=info.default_timestep_spacing,
         max_images_per_request=request.app.state.max_images,
         examples=list(getattr(request.app.state, "examples", {})),
     )
