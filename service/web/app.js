@@ -189,13 +189,33 @@ function gaussian(n, seed) {
 
 /* --------------------------------------------------------------- model */
 
+/** The sampler the Generate panel starts on when the server offers it (provisional: best quality for cost). */
+const DEFAULT_SAMPLER = "dpmpp_2m";
+
+/** Menu labels; a sampler the server lists but this table lacks is shown by its name. */
+const SAMPLER_LABELS = {
+  dpmpp_2m: "DPM-Solver++ 2M",
+  dpmpp_3m: "DPM-Solver++ 3M",
+  dpmpp_2m_sde: "DPM-Solver++ 2M SDE",
+  unipc: "UniPC",
+  ddim: "DDIM",
+  ddpm: "DDPM (ancestral)",
+};
+
+/** Steps the page suggests instead of the server's default_steps: DDPM-T is slow, DDPM-100 is the respaced sampler. */
+const QUICK_STEPS = { ddpm: 100 };
+
 const model = {
   T: 1000,
   channels: 1,
   size: 28,
   maxImages: 16,
   examples: [],
-  defaultSteps: {},
+  samplers: Object.keys(SAMPLER_LABELS), // replaced by GET /v1/model's list
+  defaultSteps: {}, // {sampler: steps}
+  maxSteps: {}, // {sampler: steps}
+  spacings: {}, // {sampler: [spacing, …]}
+  defaultSpacing: {}, // {sampler: spacing}
 };
 
 /** Read GET /v1/model (schemas.ModelResponse) and size the controls to the model. */
@@ -206,7 +226,11 @@ async function loadModelInfo() {
     [model.channels, model.size] = info.image_shape;
     model.maxImages = info.max_images_per_request;
     model.examples = info.examples ?? [];
+    model.samplers = info.samplers ?? model.samplers;
     model.defaultSteps = info.default_steps ?? {};
+    model.maxSteps = info.max_steps ?? {};
+    model.spacings = info.timestep_spacings ?? {};
+    model.defaultSpacing = info.default_timestep_spacing ?? {};
     $("model-info").textContent =
       `${info.name} · ${info.image_shape.join("×")} · T = ${model.T} · ${info.schedule.beta_schedule} β ` +
       `${+info.schedule.beta_start.toPrecision(4)}→${+info.schedule.beta_end.toPrecision(4)} · ${info.variance_type} · ${info.device} ${info.dtype}` +
@@ -215,8 +239,7 @@ async function loadModelInfo() {
     $("model-info").textContent = `model info unavailable: ${err.message}`;
   }
   $("gen-num").max = model.maxImages;
-  $("gen-steps").max = model.T;
-  $("gen-steps").value = Math.min(Number($("gen-steps").value), model.defaultSteps.ddim ?? model.T);
+  fillSamplerMenu();
   $("fwd-t").max = model.T - 1;
   $("fwd-t").value = Math.min(Number($("fwd-t").value), model.T - 1);
   const select = $("fwd-example");
@@ -231,6 +254,43 @@ async function loadModelInfo() {
 }
 
 /* ----------------------------------------------- 1. generate (SSE stream) */
+
+function addOption(select, value, label) {
+  const opt = document.createElement("option");
+  opt.value = value;
+  opt.textContent = label;
+  select.append(opt);
+}
+
+/** One <option> per sampler the server offers; start on DEFAULT_SAMPLER if it is among them. */
+function fillSamplerMenu() {
+  const select = $("gen-sampler");
+  select.replaceChildren();
+  for (const name of model.samplers) addOption(select, name, SAMPLER_LABELS[name] ?? name);
+  select.value = model.samplers.includes(DEFAULT_SAMPLER) ? DEFAULT_SAMPLER : model.samplers[0];
+  applySampler();
+}
+
+/** Fit the other controls to the chosen sampler: steps (default and max), η (DDIM only), spacing menu. */
+function applySampler() {
+  const name = $("gen-sampler").value;
+  const steps = $("gen-steps");
+  const top = model.maxSteps[name] ?? model.T;
+  steps.max = top;
+  const suggested = QUICK_STEPS[name] ?? model.defaultSteps[name];
+  steps.value = Math.min(suggested ?? Number(steps.value), top);
+  $("gen-eta-label").hidden = name !== "ddim";
+
+  // "model default (X)" sends no timestep_spacing; an explicit pick survives a switch if the new sampler has it.
+  const spacing = $("gen-spacing");
+  const picked = spacing.value;
+  const supported = model.spacings[name] ?? [];
+  spacing.replaceChildren();
+  const fallback = model.defaultSpacing[name];
+  addOption(spacing, "", fallback ? `model default (${fallback})` : "model default");
+  for (const s of supported) addOption(spacing, s, s);
+  spacing.value = supported.includes(picked) ? picked : "";
+}
 
 let genAbort = null;
 
@@ -270,6 +330,8 @@ function generationBody() {
   const seed = intOrNull($("gen-seed"));
   if (seed !== null) body.seed = seed;
   if (body.sampler === "ddim") body.eta = Number($("gen-eta").value);
+  const spacing = $("gen-spacing").value;
+  if (spacing) body.timestep_spacing = spacing; // absent: the model's default for this sampler
   return body;
 }
 
@@ -297,6 +359,7 @@ function showResult(result) {
     result.steps ?? $("gen-progress").max,
     result.steps ?? $("gen-progress").max,
     `done: ${result.images?.length ?? 0} image(s), ${result.sampler ?? ""}-${result.steps ?? ""}` +
+      (result.timestep_spacing ? `, ${result.timestep_spacing} spacing` : "") +
       (secs != null ? ` in ${Number(secs).toFixed(2)} s` : ""),
   );
 }
@@ -493,14 +556,7 @@ async function main() {
   await loadModelInfo();
   $("gen-form").addEventListener("submit", generate);
   $("gen-cancel").addEventListener("click", () => genAbort?.abort());
-  $("gen-sampler").addEventListener("change", () => {
-    const ddim = $("gen-sampler").value === "ddim";
-    $("gen-eta-label").hidden = !ddim;
-    // DDPM with fewer steps than T is the respaced sampler; keep the page quick by default.
-    if (!ddim && Number($("gen-steps").value) === (model.defaultSteps.ddim ?? 50)) {
-      $("gen-steps").value = Math.min(100, model.T);
-    }
-  });
+  $("gen-sampler").addEventListener("change", applySampler);
   $("gen-reuse-seed").addEventListener("click", () => {
     $("gen-seed").value = $("gen-seed-shown").dataset.seed;
   });

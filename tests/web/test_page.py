@@ -53,6 +53,15 @@ def text(page: Page, selector: str) -> str:
     return page.eval(f"document.querySelector({json.dumps(selector)}).textContent")
 
 
+def visible(page: Page, selector: str) -> bool:
+    """Whether the element takes up space on screen (not merely whether its ``hidden`` property is set)."""
+    return page.eval(f"document.querySelector({json.dumps(selector)}).checkVisibility()")
+
+
+def options(page: Page, selector: str) -> list[str]:
+    return page.eval(f"[...document.querySelectorAll({json.dumps(selector + ' option')})].map(o => o.value)")
+
+
 def test_page_reports_the_model(page: Page) -> None:
     info = page.wait_for("(t => t.includes('T = 1000') && t)(document.getElementById('model-info').textContent)")
     assert "tiny" in info and "1×8×8" in info
@@ -92,13 +101,69 @@ def test_generate_streams_progress_and_shows_images(page: Page) -> None:
 
 
 def test_invalid_input_shows_422(page: Page) -> None:
+    assert page.eval("document.getElementById('gen-sampler').value") == "dpmpp_2m"
     set_value(page, "#gen-steps", 5000)
     page.eval("document.getElementById('gen-steps').removeAttribute('max')")  # past the form's own check
     click(page, "#gen-run")
     message = page.wait_for("!document.getElementById('gen-error').hidden && "
                             "document.getElementById('gen-error').textContent")
-    assert message.startswith("422") and "steps" in message and "1000" in message
+    # DPM-Solver++ takes at most T − 1 steps
+    assert message.startswith("422") and "steps" in message and "1..999" in message and "dpmpp_2m" in message
     assert page.eval("document.getElementById('gen-run').disabled") is False
+
+
+def test_sampler_menu_follows_the_model(page: Page) -> None:
+    """Samplers, default steps, max steps, η and spacings come from GET /v1/model; dpmpp_2m + karras generates."""
+    base = page.eval("location.origin")
+    info = httpx.get(f"{base}/v1/model").json()
+    assert len(info["samplers"]) == 6
+    assert options(page, "#gen-sampler") == info["samplers"]
+    labels = page.eval("[...document.querySelectorAll('#gen-sampler option')].map(o => o.textContent)")
+    assert "DPM-Solver++ 2M" in labels and "UniPC" in labels and "DDPM (ancestral)" in labels
+    # the default: DPM-Solver++(2M), its default steps, no η, spacing left to the model
+    assert page.eval("document.getElementById('gen-sampler').value") == "dpmpp_2m"
+    assert page.eval("document.getElementById('gen-steps').value") == str(info["default_steps"]["dpmpp_2m"]) == "20"
+    assert page.eval("document.getElementById('gen-steps').max") == str(info["max_steps"]["dpmpp_2m"]) == "999"
+    assert not visible(page, "#gen-eta-label")
+    assert options(page, "#gen-spacing") == ["", *info["timestep_spacings"]["dpmpp_2m"]]
+    assert "karras" in options(page, "#gen-spacing")
+    default_label = f"model default ({info['default_timestep_spacing']['dpmpp_2m']})"
+    assert page.eval("document.querySelector('#gen-spacing option').textContent") == default_label
+    # an explicit karras does not survive a switch to a sampler without it
+    set_value(page, "#gen-spacing", "karras", "change")
+    set_value(page, "#gen-sampler", "ddim", "change")
+    assert visible(page, "#gen-eta-label")
+    assert page.eval("document.getElementById('gen-steps').value") == "50"
+    assert page.eval("document.getElementById('gen-steps').max") == "1000"
+    assert options(page, "#gen-spacing") == ["", "leading", "trailing", "linspace"]
+    assert page.eval("document.getElementById('gen-spacing').value") == ""
+    # DDPM keeps the page's quick respaced default rather than the full chain
+    set_value(page, "#gen-sampler", "ddpm", "change")
+    assert page.eval("document.getElementById('gen-steps').value") == "100"
+    assert not visible(page, "#gen-eta-label")
+    # dpmpp_2m + karras: the request names the spacing, the result line shows it
+    page.eval("window.sentBodies = []; const f = window.fetch; window.fetch = (url, o) => "
+              "(o && o.body && window.sentBodies.push(JSON.parse(o.body)), f(url, o))")
+    set_value(page, "#gen-sampler", "dpmpp_2m", "change")
+    set_value(page, "#gen-spacing", "karras", "change")
+    set_value(page, "#gen-num", 2)
+    set_value(page, "#gen-steps", 6)
+    click(page, "#gen-run")
+    page.wait_for("document.querySelectorAll('#gen-results img').length === 2", timeout_s=30)
+    page.wait_for("[...document.querySelectorAll('#gen-results img')].every(i => i.complete && i.naturalWidth === 8)")
+    assert text(page, "#gen-progress-text").startswith("done: 2 image(s), dpmpp_2m-6, karras spacing")
+    assert page.eval("window.sentBodies.at(-1)") == {"num_images": 2, "sampler": "dpmpp_2m", "steps": 6,
+                                                      "timestep_spacing": "karras"}
+    # back to "model default": no timestep_spacing is sent, and the result names the model's
+    set_value(page, "#gen-spacing", "", "change")
+    page.wait_for("!document.getElementById('gen-run').disabled")
+    click(page, "#gen-run")
+    page.wait_for("document.getElementById('gen-progress-text').textContent.startsWith('done')"
+                  " && !document.getElementById('gen-progress-text').textContent.includes('karras')", timeout_s=30)
+    assert "timestep_spacing" not in page.eval("window.sentBodies.at(-1)")
+    spacing = info["default_timestep_spacing"]["dpmpp_2m"]
+    assert text(page, "#gen-progress-text").startswith(f"done: 2 image(s), dpmpp_2m-6, {spacing} spacing")
+    assert page.eval("document.getElementById('gen-error').hidden") is True
 
 
 def _generate_while_queue_is_full(page: Page, base: str) -> tuple[str, str]:

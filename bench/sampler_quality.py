@@ -1,0 +1,160 @@
+"""Quality against cost for every sampler: the evaluator's FLD at each step count, and the engine's images/s.
+
+Run from the repository root (minutes per point on a 2-core CPU; see docs/benchmarks.md for the command used)::
+
+    .venv/bin/python bench/sampler_quality.py --model model_store/mnist \\
+        --configs ddim:trailing,dpmpp_2m:linspace,dpmpp_2m:karras,dpmpp_3m:linspace,unipc:linspace,dpmpp_2m_sde:karras \\
+        --steps 5,10,15,20,50,100 --num 2000 --num-many-steps 1000 --batch 100 --threads 2 \\
+        --json docs/sampler_quality.json --plot docs/sampler_quality.png
+
+For each ``sampler:spacing`` and step count, ``--num`` images (``--num-many-steps`` above 20 steps) go through an
+in-process engine (``max_batch_rows = --batch``, requests of ``--batch`` images submitted at once, seed i for
+request i, the same for every point), timed from submission to the last result: that is the point's images/s.
+The images are scored by the project's evaluator (``service.evaluate.Evaluator``: FLD of digit-classifier
+features against the model's evaluation split, mean confidence, digit shares, novelty), next to the real-data
+floor at the same N. ``--ddpm-num`` adds a measured DDPM-1000 line; ``--ddpm-from FILE`` reuses the DDPM-1000
+row of an earlier run's JSON instead (it takes hours on a CPU). ``--resume`` skips points already in ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from service.diffusion.checkpoint import DiffusionModel, load_model
+from service.engine.batcher import Engine, EngineSettings, claim_threads_for_worker
+from service.engine.client import GenerationRequest
+from service.evaluate import Evaluator
+
+
+async def engine_images(model: DiffusionModel, sampler: str, spacing: str | None, steps: int, num: int, batch: int,
+                        dtype: str, threads: int) -> tuple[torch.Tensor, float]:
+    """(images (num, C, H, W), seconds from the first submission to the last result) through a fresh engine."""
+    engine = Engine(model, EngineSettings(max_batch_rows=batch, max_queue_rows=max(num, batch), dtype=dtype, threads=threads,
+                                          request_timeout_s=1e6))
+    await engine.start()
+    try:
+        sizes = [min(batch, num - start) for start in range(0, num, batch)]
+        start = time.perf_counter()
+        handles = [engine.submit(GenerationRequest(n, seed=i, sampler=sampler, steps=steps, timestep_spacing=spacing,
+                                                   timeout_s=1e6)) for i, n in enumerate(sizes)]
+        results = [await h.result() for h in handles]
+        return torch.cat([r.images for r in results]), time.perf_counter() - start
+    finally:
+        await engine.drain(timeout_s=5)
+
+
+def measure_point(args: argparse.Namespace, model: DiffusionModel, ev: Evaluator, sampler: str, spacing: str | None,
+                  steps: int, num: int) -> dict:
+    images, seconds = asyncio.run(engine_images(model, sampler, spacing, steps, num, args.batch, args.dtype,
+                                                args.threads))
+    score = ev.score(images)
+    floor = ev.floor(num, seed=0)
+    return {
+        "sampler": sampler, "spacing": spacing or model.spec.default_spacing(sampler), "steps": steps, "num": num,
+        "nfe": steps, "fld": score.fld, "floor_fld": floor.fld, "fld_ratio": score.fld / floor.fld,
+        "confidence": score.confidence, "min_share": score.min_share, "max_share": score.max_share,
+        "novelty": score.novelty, "seconds": seconds, "images_per_s": num / seconds,
+    }
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    lines: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["sampler"] != "ddpm" or r["steps"] < 1000:
+            lines.setdefault(f"{r['sampler']} ({r['spacing']})", []).append(r)
+    for label, pts in sorted(lines.items()):
+        pts = sorted(pts, key=lambda r: r["nfe"])
+        ax.plot([p["nfe"] for p in pts], [p["fld"] for p in pts], marker="o", label=label)
+    ddpm = [r for r in rows if r["sampler"] == "ddpm" and r["steps"] >= 1000]
+    if ddpm:
+        ax.axhline(ddpm[0]["fld"], color="black", linestyle="--", label=f"DDPM-1000 (N={ddpm[0]['num']})")
+    floors = sorted({(r["num"], r["floor_fld"]) for r in rows})
+    for n, f in floors:
+        ax.axhline(f, color="grey", linestyle=":", label=f"real-data floor (N={n})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("network evaluations per image (steps)")
+    ax.set_ylabel("FLD (lower is better)")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| sampler | spacing | steps | N | FLD | floor | ratio | confidence | digit shares | novelty | images/s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["sampler"], r["spacing"], r["steps"])):
+        novelty = "" if r.get("novelty") is None else f"{r['novelty']:.2f}"
+        out.append(f"| {r['sampler']} | {r['spacing']} | {r['steps']} | {r['num']} | {r['fld']:.2f} | "
+                   f"{r['floor_fld']:.2f} | {r['fld_ratio']:.2f} | {r['confidence']:.3f} | "
+                   f"{100 * r['min_share']:.1f}–{100 * r['max_share']:.1f}% | {novelty} | {r['images_per_s']:.2f} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="model_store/mnist")
+    p.add_argument("--configs", default="ddim:trailing,dpmpp_2m:linspace,dpmpp_2m:karras,unipc:linspace",
+                   help="comma list of sampler[:spacing]; no spacing = the model's default")
+    p.add_argument("--steps", default="5,10,15,20,50,100")
+    p.add_argument("--num", type=int, default=2000, help="images per point up to 20 steps")
+    p.add_argument("--num-many-steps", type=int, default=1000, help="images per point above 20 steps")
+    p.add_argument("--ddpm-num", type=int, default=0, help="measure DDPM-1000 with this many images (0 = no)")
+    p.add_argument("--ddpm-from", default=None, help="JSON of an earlier run whose DDPM-1000 row to reuse")
+    p.add_argument("--batch", type=int, default=100, help="rows per UNet forward (engine max_batch_rows)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default="docs/sampler_quality.json")
+    p.add_argument("--plot", default="docs/sampler_quality.png")
+    p.add_argument("--resume", action="store_true", help="keep the points already in --json")
+    args = p.parse_args()
+
+    args.threads = claim_threads_for_worker(args.threads)
+    model = load_model(args.model)
+    ev = Evaluator.for_model(model, args.model)
+    out = Path(args.json)
+    rows: list[dict] = json.loads(out.read_text())["points"] if args.resume and out.is_file() else []
+    done = {(r["sampler"], r["spacing"], r["steps"], r["num"]) for r in rows}
+    if args.ddpm_from and not any(r["sampler"] == "ddpm" and r["steps"] >= 1000 for r in rows):
+        rows += [r for r in json.loads(Path(args.ddpm_from).read_text())["points"]
+                 if r["sampler"] == "ddpm" and r["steps"] >= 1000]
+    plan = [(c.split(":")[0], c.split(":")[1] if ":" in c else None, int(s))
+            for c in args.configs.split(",") for s in args.steps.split(",")]
+    if args.ddpm_num:
+        plan.append(("ddpm", "trailing", model.spec.num_train_timesteps))
+    for sampler, spacing, steps in plan:
+        num = args.ddpm_num if sampler == "ddpm" and steps >= 1000 else args.num if steps <= 20 else args.num_many_steps
+        key = (sampler, spacing or model.spec.default_spacing(sampler), steps, num)
+        if key in done:
+            continue
+        row = measure_point(args, model, ev, sampler, spacing, steps, num)
+        rows.append(row)
+        print(f"{sampler}:{row['spacing']}-{steps} N={num}: FLD {row['fld']:.2f} (floor {row['floor_fld']:.2f}), "
+              f"{row['images_per_s']:.2f} images/s", flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"model": args.model, "model_sha256": model.sha256, "dtype": args.dtype,
+                                   "batch": args.batch, "threads": args.threads, "evaluation": ev.describe(),
+                                   "points": rows}, indent=2) + "\n")
+    print(table(rows))
+    plot(rows, Path(args.plot), f"{model.name}: FLD vs network evaluations ({args.dtype}, batch {args.batch})")
+    print(f"wrote {out} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
