@@ -10,6 +10,7 @@ The offline pipeline and the serving engine both run :func:`batched_step`.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from service.diffusion.checkpoint import DiffusionModel
-from service.diffusion.samplers import Plan, Rows, Sampler, Spacing, get_sampler
+from service.diffusion.samplers import Plan, Rows, Sampler, SamplerOptions, Spacing, get_sampler
+from service.diffusion.schedule import NoiseSchedule
 
 __all__ = ["RowGroup", "batched_step", "make_noise", "predict_eps", "row_generator"]
 
@@ -49,6 +51,12 @@ def predict_eps(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, dtype: 
             return unet(x, t.to(device)).float()
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype):
         return unet(x.contiguous(memory_format=torch.channels_last), t.to(device)).float()
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(sampler: Sampler, schedule: NoiseSchedule, steps: int, spacing: Spacing, options: SamplerOptions) -> Plan:
+    """One plan per (sampler, model, steps, spacing): requests alike share it and its memoised coefficients."""
+    return sampler.plan(schedule, steps, spacing, options)
 
 
 @dataclass(eq=False)
@@ -83,7 +91,7 @@ class RowGroup:
         Rows are numbered from ``first_row`` (an offline batch that is not the request's first).
         """
         s = get_sampler(sampler)
-        plan = s.plan(model.schedule, steps, spacing or model.spec.default_spacing(sampler), model.spec.options)
+        plan = _plan(s, model.schedule, steps, spacing or model.spec.default_spacing(sampler), model.spec.options)
         gens = [row_generator(seed, r) for r in range(first_row, first_row + num)]
         shape = (num, model.spec.channels, model.spec.image_size, model.spec.image_size)
         x = make_noise(shape, gens, device)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,9 +46,17 @@ class Plan:
     alphas_cumprod: tuple[float, ...]  # float64 ᾱ of x at step i
     alphas_cumprod_next: tuple[float, ...]  # float64 ᾱ after step i; 1.0 = clean data
     options: SamplerOptions
+    _memo: dict = field(default_factory=dict, repr=False)  # coefficients already computed, by (kind, i, η)
 
     def __len__(self) -> int:
         return len(self.timesteps)
+
+    def memo(self, coefficients: Callable[[Plan, int, float], Sequence[float]], i: int, eta: float) -> Sequence[float]:
+        """``coefficients(self, i, eta)``, computed once per plan (plans are shared by requests alike)."""
+        key = (coefficients.__qualname__, i, eta)
+        if key not in self._memo:
+            self._memo[key] = tuple(coefficients(self, i, eta))
+        return self._memo[key]
 
 
 @dataclass(frozen=True)
@@ -82,7 +90,7 @@ class Rows:
         ``c[:, k]`` then broadcasts against x: (B, 1, …, 1).
         """
         table = torch.tensor(
-            [coefficients(p, i, e) for p, i, e in zip(self.plans, self.index, self.eta, strict=True)],
+            [p.memo(coefficients, i, e) for p, i, e in zip(self.plans, self.index, self.eta, strict=True)],
             dtype=torch.float64,
         )
         rows = table.repeat_interleave(torch.tensor(self.sizes), dim=0)
