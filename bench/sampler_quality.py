@@ -3,7 +3,7 @@
 Run from the repository root (minutes per point on a 2-core CPU; see docs/benchmarks.md for the command used)::
 
     .venv/bin/python bench/sampler_quality.py --model model_store/mnist \\
-        --configs ddim:trailing,dpmpp_2m:linspace,dpmpp_2m:karras,dpmpp_3m:linspace,unipc:linspace,dpmpp_2m_sde:karras \\
+        --configs ddim:trailing,dpmpp_2m:linspace,dpmpp_2m:karras,dpmpp_3m:linspace,unipc:linspace \\
         --steps 5,10,15,20,50,100 --num 2000 --num-many-steps 1000 --batch 100 --threads 2 \\
         --json docs/sampler_quality.json --plot docs/sampler_quality.png
 
@@ -35,8 +35,9 @@ from service.evaluate import Evaluator
 async def engine_images(model: DiffusionModel, sampler: str, spacing: str | None, steps: int, num: int, batch: int,
                         dtype: str, threads: int) -> tuple[torch.Tensor, float]:
     """(images (num, C, H, W), seconds from the first submission to the last result) through a fresh engine."""
-    engine = Engine(model, EngineSettings(max_batch_rows=batch, max_queue_rows=max(num, batch), dtype=dtype, threads=threads,
-                                          request_timeout_s=1e6))
+    settings = EngineSettings(max_batch_rows=batch, max_queue_rows=max(num, batch), dtype=dtype, threads=threads,
+                              request_timeout_s=1e6)
+    engine = Engine(model, settings)
     await engine.start()
     try:
         sizes = [min(batch, num - start) for start in range(0, num, batch)]

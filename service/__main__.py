@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.diffusion.checkpoint import DiffusionModel
 
 __all__ = ["main"]
 
@@ -25,6 +29,20 @@ def _device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
+
+
+def _sampler_settings(model: DiffusionModel, sampler: str, steps: int | None, spacing: str | None) -> tuple[int, str]:
+    """(steps, spacing) with the model's defaults filled in; a combination the sampler cannot run exits."""
+    from service.diffusion.pipeline import default_steps
+    from service.diffusion.samplers import get_sampler
+
+    steps = default_steps(model, sampler) if steps is None else steps
+    spacing = spacing or model.spec.default_spacing(sampler)
+    try:
+        get_sampler(sampler).check(model.spec.num_train_timesteps, steps, spacing)  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    return steps, spacing
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -85,11 +103,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.init_noise:
         init = torch.from_numpy(np.load(args.init_noise, allow_pickle=False)).float()
     num = args.num or (init.shape[0] if init is not None else 16)
-    steps = args.steps or (model.spec.num_train_timesteps if args.sampler == "ddpm" else 50)
+    steps, spacing = _sampler_settings(model, args.sampler, args.steps, args.timestep_spacing)
     batch = args.batch or num
     bar = Progress(steps * -(-num // batch), desc=f"{args.sampler}-{steps}")
     try:
-        images = sample(model, num, args.seed, args.sampler, steps, args.eta, init, batch, dtype, progress=bar.update)
+        images = sample(model, num, args.seed, args.sampler, steps, args.eta, init, batch, dtype,
+                        progress=bar.update, spacing=spacing)
     except ValueError as exc:  # e.g. --init-noise of the wrong shape
         raise SystemExit(f"error: {exc}") from exc
     bar.close()
@@ -116,10 +135,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         bars.append(Progress(total, desc=desc))
         return bars[-1].update
 
-    report = evaluate(
-        args.model, args.sampler, args.steps, args.num, args.eta, args.batch, _dtype(args.dtype), args.seed,
-        args.data, args.labels, args.classifier, args.holdout, args.split_seed, _device(args.device), progress,
-    )
+    try:
+        report = evaluate(
+            args.model, args.sampler, args.steps, args.num, args.eta, args.batch, _dtype(args.dtype), args.seed,
+            args.reference, args.reference_labels, args.classifier, args.train, args.train_labels,
+            _device(args.device), progress, spacing=args.timestep_spacing,
+        )
+    except ValueError as exc:  # a step count or spacing the sampler cannot run, a model the classifier cannot score
+        raise SystemExit(f"error: {exc}") from exc
     for bar in bars:
         bar.close()
     print(format_table(report))
@@ -134,7 +157,8 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     from service.classifier import fit_and_save
 
     torch.set_num_threads(args.threads)
-    fit_and_save(args.data, args.labels, args.out, args.holdout, args.split_seed, args.epochs, args.seed)
+    fit_and_save(args.data, args.labels, args.out, args.test_data, args.test_labels, args.holdout, args.split_seed,
+                 args.epochs, args.seed)
     return 0
 
 
@@ -152,6 +176,34 @@ def cmd_import(args: argparse.Namespace) -> int:
     dst = import_diffusers(args.src, args.dst, args.name)
     print(f"imported {args.src} -> {dst}")
     return 0
+
+
+def _by_value(pairs: list[tuple[str, str]]) -> str:
+    """``[("50", "ddim"), ("20", "unipc"), ("20", "dpmpp_2m")]`` → ``"50 for ddim, 20 for unipc/dpmpp_2m"``."""
+    groups: dict[str, list[str]] = {}
+    for value, name in pairs:
+        groups.setdefault(value, []).append(name)
+    return ", ".join(f"{value} for {'/'.join(names)}" for value, names in groups.items())
+
+
+def _sampler_arguments(parser: argparse.ArgumentParser, default: str) -> None:
+    """--sampler, --steps, --timestep-spacing and --eta (shared by ``sample`` and ``evaluate``), from the registry."""
+    from service.diffusion.samplers import SAMPLERS, SPACINGS
+
+    steps = _by_value([(str(s.default_steps or "T"), n) for n, s in SAMPLERS.items()])
+    spacing = _by_value([(s.default_spacing, n) for n, s in SAMPLERS.items()])
+    groups: dict[str, list[str]] = {}
+    for n, s in SAMPLERS.items():
+        if set(s.spacings) != set(SPACINGS):
+            groups.setdefault("/".join(s.spacings), []).append(n)
+    only = "".join(f"; {'/'.join(names)} take only {sp}" for sp, names in groups.items())
+    parser.add_argument("--sampler", choices=tuple(SAMPLERS), default=default)
+    parser.add_argument("--steps", type=int, default=None, help=f"default: the sampler's ({steps})")
+    parser.add_argument(
+        "--timestep-spacing", choices=SPACINGS, default=None,
+        help=f"default: the model's sampling.timestep_spacing, else diffusers' default ({spacing}){only}",
+    )
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity η (0 = deterministic)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,9 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="model_store/mnist")
     s.add_argument("--num", type=int, default=None, help="default: the rows of --init-noise, else 16")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    s.add_argument("--steps", type=int, default=None, help="default: T for ddpm, 50 for ddim")
-    s.add_argument("--eta", type=float, default=0.0)
+    _sampler_arguments(s, default="ddpm")
     s.add_argument("--init-noise", default=None, help=".npy x_T of shape (N, C, H, W)")
     s.add_argument("--batch", type=int, default=None)
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -217,20 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_serve)
     e = sub.add_parser("evaluate", help="score generated samples with the digit classifier (FLD, confidence, shares)")
     e.add_argument("--model", default="model_store/mnist")
-    e.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
-    e.add_argument("--steps", type=int, default=None, help="default: T for ddpm, 50 for ddim")
+    _sampler_arguments(e, default="ddim")
     e.add_argument("--num", type=int, default=1000, help="generated images (and real training digits for the floor)")
-    e.add_argument("--eta", type=float, default=0.0)
     e.add_argument("--batch", type=int, default=250)
     e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--threads", type=int, default=0)
-    e.add_argument("--data", default=None, help="real digits (IDX/folder/.npz); default: the model's training data")
-    e.add_argument("--labels", default=None, help="IDX labels (optional; reports the classifier's accuracy)")
+    e.add_argument("--reference", default=None, help="the evaluation split (IDX/folder/.npz), never trained on; "
+                   "default: the model's recorded one, its training hold-out, or the MNIST test split beside its data")
+    e.add_argument("--reference-labels", default=None, help="IDX labels of --reference (reports classifier accuracy)")
+    e.add_argument("--train", default=None, help="training images for the floor and novelty; default: the model's")
+    e.add_argument("--train-labels", default=None)
     e.add_argument("--classifier", default=None, help="default: MODEL/classifier.safetensors")
-    e.add_argument("--holdout", type=int, default=None, help="default: the model's training split")
-    e.add_argument("--split-seed", type=int, default=None, help="default: the model's training split")
     e.add_argument("--json", default=None, help="also write the report as JSON here")
     e.set_defaults(func=cmd_evaluate)
 
@@ -238,7 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", required=True, help="digit images (MNIST IDX .gz/raw, folder or .npz), 28x28")
     c.add_argument("--labels", required=True, help="IDX label file, one label per image")
     c.add_argument("--out", default="model_store/mnist/classifier.safetensors")
-    c.add_argument("--holdout", type=int, default=1000, help="must match the diffusion model's training split")
+    c.add_argument("--test-data", default=None, help="the test split its accuracy is reported on (e.g. MNIST t10k)")
+    c.add_argument("--test-labels", default=None)
+    c.add_argument("--holdout", type=int, default=0, help="digits of --data held out (scored when no --test-data)")
     c.add_argument("--split-seed", type=int, default=0)
     c.add_argument("--epochs", type=int, default=20)
     c.add_argument("--seed", type=int, default=0)

@@ -1,4 +1,4 @@
-"""``python -m service import-diffusers`` and ``sample`` against diffusers' own DDIM loop on the same weights."""
+"""``python -m service import-diffusers`` and ``sample`` against diffusers' own scheduler loops on the same weights."""
 
 from __future__ import annotations
 
@@ -11,11 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import (
+    DDIMScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    UNet2DModel,
+    UniPCMultistepScheduler,
+)
 from PIL import Image
 
-from service.__main__ import main
+from service.__main__ import build_parser, main
 from service.diffusion.checkpoint import load_model, sha256_file
+from service.diffusion.samplers import SAMPLER_NAMES, SPACINGS
 from service.imaging import grid, to_uint8
 from tests.conftest import SMALL_DDPM_UNET
 
@@ -23,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 # the project's 28×28 config with the DDPM options
 SMALL = SMALL_DDPM_UNET
 N = 4
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +60,10 @@ def init_noise(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def diffusers_ddim(folder: Path, x_t: torch.Tensor, steps: int) -> torch.Tensor:
-    """diffusers' DDIMPipeline loop (η = 0) with trailing spacing, on the folder's own weights and schedule."""
+    """diffusers' DDIMPipeline loop (η = 0) on the folder's own weights and scheduler config (leading spacing)."""
     unet = UNet2DModel.from_pretrained(folder).eval()
-    sched = DDIMScheduler.from_pretrained(folder, timestep_spacing="trailing", set_alpha_to_one=True)
-    assert sched.config.clip_sample
+    sched = DDIMScheduler.from_pretrained(folder)
+    assert sched.config.clip_sample and sched.config.timestep_spacing == "leading"
     sched.set_timesteps(steps)
     x = x_t
     with torch.inference_mode():
@@ -82,7 +92,7 @@ def test_import_diffusers_then_sample_ddim_equals_diffusers(
     assert cfg["name"] == "small" and cfg["clip_sample"] is True
     proc = run_cli(
         "sample", "--model", str(store), "--sampler", "ddim", "--steps", "10", "--num", str(N),
-        "--init-noise", str(init_noise), "--device", "cpu", "--out", str(out),
+        "--init-noise", str(init_noise), "--device", "cpu", "--threads", "1", "--out", str(out),
     )
     assert "ddim-10" in proc.stderr  # the progress bar
     images = np.load(out, allow_pickle=False)
@@ -185,3 +195,191 @@ def test_sample_takes_num_from_init_noise_and_rejects_a_wrong_shape(store: Path,
     with pytest.raises(SystemExit, match="init noise has shape"):
         main(["sample", "--model", str(store), "--sampler", "ddim", "--steps", "1", "--device", "cpu",
               "--init-noise", str(noise), "--out", str(out)])
+
+
+# --- sampler options: every registered sampler and spacing, clear errors for what a sampler cannot run --------
+
+
+def test_sampler_and_spacing_choices_come_from_the_registry() -> None:
+    parser = build_parser()
+    for command in (["sample", "--out", "x.npy"], ["evaluate"]):
+        for name in SAMPLER_NAMES:
+            for spacing in SPACINGS:
+                args = parser.parse_args([*command, "--sampler", name, "--timestep-spacing", spacing])
+                assert (args.sampler, args.timestep_spacing) == (name, spacing)
+        args = parser.parse_args(command)
+        assert args.steps is None and args.timestep_spacing is None  # filled in from the model and sampler
+    with pytest.raises(SystemExit):
+        parser.parse_args(["sample", "--out", "x.npy", "--sampler", "euler"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--sampler", "ddim", "--timestep-spacing", "karras"],
+         r"^error: sampler 'ddim' does not support timestep_spacing 'karras'; supported: leading, trailing, linspace$"),
+        (["--sampler", "ddpm", "--timestep-spacing", "logsnr"], r"^error: sampler 'ddpm' does not support"),
+        (["--sampler", "ddim", "--steps", "0"], r"^error: steps must be in 1\.\.1000 for sampler 'ddim', got 0$"),
+        (["--sampler", "dpmpp_2m", "--steps", "1000"], r"^error: steps must be in 1\.\.999 for sampler 'dpmpp_2m'"),
+        (["--sampler", "unipc", "--steps", "-3"], r"^error: steps must be in 1\.\.999 for sampler 'unipc'"),
+    ],
+)
+def test_sample_rejects_what_the_sampler_cannot_run_in_one_line(
+    store: Path, tmp_path: Path, extra: list[str], message: str
+) -> None:
+    out = tmp_path / "y.npy"
+    with pytest.raises(SystemExit, match=message) as info:
+        main(["sample", "--model", str(store), "--num", "1", "--device", "cpu", "--out", str(out), *extra])
+    assert "\n" not in str(info.value)
+    assert not out.exists()
+
+
+# --- acceptance: a trained tiny diffusers UNet, our CLI against diffusers' own loops ---------------------------------
+
+TOY = {  # diffusers UNet2DModel kwargs: 8×8 grey, attention at 4×4 (177k parameters)
+    "sample_size": 8,
+    "in_channels": 1,
+    "out_channels": 1,
+    "block_out_channels": (16, 32),
+    "down_block_types": ("DownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "UpBlock2D"),
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+}
+TOY_STEPS = 10  # sampling steps of every comparison
+
+
+def toy_images(n: int, g: torch.Generator) -> torch.Tensor:
+    """(n, 1, 8, 8): a square or a bar (side / width 2–4) of brightness U(0.1, 0.6) at a random place on −0.5.
+
+    Away from ±1, so that the final clamp to [−1, 1] does not hide differences between samplers.
+    """
+    idx = torch.arange(8)
+    side = torch.randint(2, 5, (n,), generator=g)
+    top = (torch.rand(n, generator=g) * (9 - side)).long()
+    left = (torch.rand(n, generator=g) * (9 - side)).long()
+    rows = (idx >= top[:, None]) & (idx < (top + side)[:, None])  # (n, 8)
+    cols = (idx >= left[:, None]) & (idx < (left + side)[:, None])  # (n, 8)
+    kind = torch.randint(0, 3, (n,), generator=g)  # 0 square, 1 vertical bar, 2 horizontal bar
+    rows = rows | (kind == 1)[:, None]
+    cols = cols | (kind == 2)[:, None]
+    mask = rows[:, :, None] & cols[:, None, :]  # (n, 8, 8)
+    bright = 0.1 + 0.5 * torch.rand(n, 1, 1, generator=g)
+    return torch.where(mask, bright, -0.5)[:, None]
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A diffusers folder: a tiny UNet2DModel trained briefly (ε-MSE, DDPM forward process) on toy shapes.
+
+    Its ``scheduler_config.json`` comes from ``DDPMScheduler.save_config`` without ``timestep_spacing``, so
+    each scheduler class (and our sampler) uses its own default spacing. β_T = 0.01 (ᾱ_T ≈ 0.006 instead
+    of 4e-5) keeps the 1/√ᾱ_T amplification of ε errors into x̂_0 small: after 300 steps (~25 s on one
+    core) the solvers, which do not clip x̂_0, end mostly inside [-1, 1], where the final clamp hides
+    little; with β_T = 0.02 they end ~80 % clamped, in diffusers as in ours.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        g = torch.Generator().manual_seed(0)
+        unet = UNet2DModel(**TOY)
+        sched = DDPMScheduler(num_train_timesteps=1000, beta_end=0.01)
+        opt = torch.optim.Adam(unet.parameters(), lr=2e-3)
+        for _ in range(300):
+            x0 = toy_images(16, g)
+            noise = torch.randn(x0.shape, generator=g)
+            t = torch.randint(0, 1000, (len(x0),), generator=g)
+            loss = torch.nn.functional.mse_loss(unet(sched.add_noise(x0, noise, t), t).sample, noise)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert loss.item() < 0.3, loss.item()
+        folder = tmp_path_factory.mktemp("trained") / "toy"
+        unet.eval().save_pretrained(folder, safe_serialization=True)
+        sched.save_config(folder)
+    finally:
+        torch.set_num_threads(threads)
+    path = folder / "scheduler_config.json"
+    cfg = json.loads(path.read_text())
+    cfg.pop("timestep_spacing", None)
+    path.write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained_entry(trained_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    dst = tmp_path_factory.mktemp("trained-store") / "toy"
+    assert main(["import-diffusers", str(trained_dir), str(dst)]) == 0
+    return dst
+
+
+@pytest.fixture(scope="module")
+def toy_noise(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("toy-noise") / "x_T.npy"
+    np.save(path, torch.randn(N, 1, 8, 8, generator=torch.Generator().manual_seed(11)).numpy(), allow_pickle=False)
+    return path
+
+
+def diffusers_loop(folder: Path, scheduler: str, x_t: torch.Tensor, steps: int, **overrides: object) -> torch.Tensor:
+    """diffusers' pipeline loop for ``scheduler`` from the folder's scheduler_config.json, final images clamped."""
+    cls = {"ddim": DDIMScheduler, "dpmsolver": DPMSolverMultistepScheduler, "unipc": UniPCMultistepScheduler}
+    unet = UNet2DModel.from_pretrained(folder).eval()
+    sched = cls[scheduler].from_config(json.loads((folder / "scheduler_config.json").read_text()), **overrides)
+    sched.set_timesteps(steps)
+    x = x_t
+    with torch.inference_mode():
+        for t in sched.timesteps:
+            x = sched.step(unet(x, t).sample, t, x).prev_sample
+    return x.clamp(-1, 1)
+
+
+PARITY = [  # (our sampler, --timestep-spacing or None, diffusers scheduler, its overrides)
+    # each class's default spacing (the config names none): DDIM leading, DPM-Solver++ / UniPC linspace
+    ("ddim", None, "ddim", {}),
+    ("dpmpp_2m", None, "dpmsolver", {"solver_order": 2}),
+    ("dpmpp_3m", None, "dpmsolver", {"solver_order": 3}),
+    ("unipc", None, "unipc", {}),
+    # --timestep-spacing
+    ("ddim", "trailing", "ddim", {"timestep_spacing": "trailing"}),
+    ("dpmpp_3m", "leading", "dpmsolver", {"solver_order": 3, "timestep_spacing": "leading"}),
+    ("dpmpp_2m", "karras", "dpmsolver", {"use_karras_sigmas": True}),
+    ("dpmpp_2m", "logsnr", "dpmsolver", {"use_lu_lambdas": True}),
+    ("unipc", "trailing", "unipc", {"timestep_spacing": "trailing"}),
+    ("unipc", "karras", "unipc", {"use_karras_sigmas": True}),  # (diffusers' UniPC has no log-SNR spacing)
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("sampler", "spacing", "scheduler", "overrides"), PARITY, ids=[f"{p[0]}-{p[1] or 'default'}" for p in PARITY]
+)
+def test_cli_sampling_equals_diffusers_on_a_trained_model(
+    trained_dir: Path, trained_entry: Path, toy_noise: Path, tmp_path: Path,
+    sampler: str, spacing: str | None, scheduler: str, overrides: dict,
+) -> None:
+    x_t = torch.from_numpy(np.load(toy_noise))
+    expected = diffusers_loop(trained_dir, scheduler, x_t, TOY_STEPS, **overrides).numpy()
+    assert np.mean(np.abs(expected) < 0.999) > 0.8  # not saturated: the clamp hides little of what is compared
+    extra = ["--timestep-spacing", spacing] if spacing else []
+    results = {}
+    for label, model in (("folder", trained_dir), ("entry", trained_entry)):
+        out = tmp_path / f"{label}.npy"
+        argv = ["sample", "--model", str(model), "--sampler", sampler, "--steps", str(TOY_STEPS),
+                "--init-noise", str(toy_noise), "--device", "cpu", "--out", str(out), *extra]
+        assert main(argv) == 0
+        results[label] = np.load(out, allow_pickle=False)
+        assert results[label].shape == (N, 1, 8, 8)
+        diff = np.abs(results[label] - expected).max()
+        assert diff <= 1e-3, f"{sampler} on the {label}: max abs {diff:.2e} from diffusers"
+    np.testing.assert_array_equal(results["folder"], results["entry"])
+
+
+def test_imported_toy_model_keeps_the_class_default_spacings(trained_dir: Path, trained_entry: Path) -> None:
+    for folder in (trained_dir, trained_entry):
+        spec = load_model(folder).spec
+        assert spec.beta_end == 0.01 and spec.clip_sample
+        assert "timestep_spacing" not in spec.sampling and spec.sampling.get("steps_offset") == 0
+        assert [spec.default_spacing(s) for s in ("ddpm", "ddim", "dpmpp_2m", "unipc")] == [
+            "leading", "leading", "linspace", "linspace"
+        ]

@@ -12,15 +12,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from service.__main__ import main
 from service.classifier import load_classifier, predict
 from service.data import load_images, load_labels, split_indices, to_model_range
-from service.diffusion.checkpoint import ModelSpec, save_model
+from service.diffusion.checkpoint import ModelSpec, load_model, save_model
 from service.diffusion.unet import UNet
-from service.evaluate import evaluate, feature_stats, format_table, frechet_distance, score_images
+from service.evaluate import (
+    Evaluator,
+    evaluate,
+    feature_stats,
+    format_table,
+    frechet_distance,
+    nearest_neighbour_distances,
+    score_images,
+)
 from tests.conftest import REPO, tiny_unet_config
 
 MNIST = REPO.parent / "shared" / "data" / "mnist"
 IMAGES, LABELS = MNIST / "t10k-images-idx3-ubyte.gz", MNIST / "t10k-labels-idx1-ubyte.gz"
+TRAIN_IMAGES = MNIST / "train-images-idx3-ubyte.gz"
 CLASSIFIER = REPO / "model_store" / "mnist" / "classifier.safetensors"
 needs_mnist = pytest.mark.skipif(not IMAGES.is_file(), reason=f"MNIST digits not found at {MNIST}")
 
@@ -176,25 +186,91 @@ def test_evaluate_reports_floor_and_samples(random_digit_model: Path, tmp_path: 
 
     report = evaluate(random_digit_model, "ddim", steps=3, num=24, batch=8, seed=1, progress=progress)
     assert calls == [(9, "ddim-3")] and sum(steps_done) == 9
-    assert report["data"] == str(IMAGES) and report["labels"] == str(LABELS)  # defaults from the model config
-    assert report["reference"]["n"] == 1000 and report["reference"]["accuracy"] > 0.98
+    ev = report["evaluation"]  # defaults from the model config: its training hold-out is the reference
+    assert ev["reference"] == f"{IMAGES}: 1000 held out by training (split seed 0)" and ev["reference_n"] == 1000
+    assert ev["train"] == f"{IMAGES} (9000 images)" and ev["classifier_accuracy"] > 0.98
+    assert report["generated"]["novelty"] > 0 and report["floor"]["novelty"] is None
     for row in ("floor", "generated"):
         assert report[row]["n"] == 24 and sum(report[row]["shares"]) == pytest.approx(1.0)
     assert report["floor"]["accuracy"] > 0.9 and report["generated"]["accuracy"] is None
     assert report["generated"]["fld"] > 3 * report["floor"]["fld"]  # random weights make noise, not digits
+    assert report["spacing"] == "leading"  # no sampling settings in the config: DDIMScheduler's default
     table = format_table(report)
     assert "floor: real training digits" in table and "generated: ddim-3" in table
-
-    from service.__main__ import main
+    assert "leading timesteps" in table
 
     out = tmp_path / "report.json"
     args = ["evaluate", "--model", str(random_digit_model), "--steps", "3", "--num", "24", "--batch", "8"]
     assert main([*args, "--seed", "1", "--device", "cpu", "--json", str(out)]) == 0
     saved = json.loads(out.read_text())
     assert saved["generated"]["fld"] == pytest.approx(report["generated"]["fld"], rel=1e-6)
-    assert saved["floor"] == report["floor"]
+    assert saved["floor"] == report["floor"] and saved["spacing"] == "leading"
+
+
+@needs_mnist
+def test_evaluate_takes_steps_and_spacing_from_the_sampler_and_passes_a_spacing_on(random_digit_model: Path) -> None:
+    descriptions: list[str] = []
+
+    def progress(total: int, desc: str):
+        descriptions.append(desc)
+        return lambda k: None
+
+    default = evaluate(random_digit_model, "dpmpp_2m", num=16, batch=16, seed=1, progress=progress)
+    assert descriptions == ["dpmpp_2m-20"]  # DPM-Solver++ defaults: 20 steps, linspace
+    assert (default["sampler"], default["steps"], default["spacing"]) == ("dpmpp_2m", 20, "linspace")
+    trailing = evaluate(random_digit_model, "dpmpp_2m", num=16, batch=16, seed=1, spacing="trailing")
+    assert trailing["spacing"] == "trailing" and trailing["floor"] == default["floor"]
+    assert trailing["generated"]["fld"] != pytest.approx(default["generated"]["fld"], rel=1e-6)
+    assert "trailing timesteps" in format_table(trailing)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not TRAIN_IMAGES.is_file(), reason=f"MNIST training split not found at {MNIST}")
+def test_protocol_a_model_trained_on_the_training_split_is_scored_against_the_test_split(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    spec = ModelSpec(name="random28", unet=tiny_unet_config(size=28))
+    spec.extra = {"training": {"holdout": 0, "split_seed": 0}, "data": {"source": str(TRAIN_IMAGES)}}
+    folder = save_model(spec, UNet(spec.unet), tmp_path / "random28")
+    ev = Evaluator.for_model(load_model(folder), folder, classifier_path=CLASSIFIER)
+    assert ev.info["reference"] == str(IMAGES) and len(ev.reference_images) == 10_000  # the untouched test split
+    assert len(ev.train_images) == 60_000 and ev.info["classifier_accuracy"] > 0.98
+    floor = ev.floor(500, seed=0)  # N training digits against the test split
+    assert floor.accuracy > 0.97 and floor.fld < 20
+    # novelty: unseen test digits are ≈ 1 (as novel as unseen digits), copies of training digits 0
+    assert ev.novelty(ev.reference_images[-500:]) == pytest.approx(1.0, abs=0.1)
+    assert ev.novelty(ev.train_images[:500]) < 1e-5  # float64 round-off of ‖a‖² + ‖b‖² − 2ab
+    noisy = (ev.train_images[:500] + 0.3 * torch.randn(500, 1, 28, 28, generator=torch.Generator().manual_seed(1)))
+    assert 0 < ev.novelty(noisy.clamp(-1, 1)) < ev.novelty(ev.reference_images[-500:])
+
+
+def test_nearest_neighbour_distances_equal_brute_force() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(7, 1, 4, 4, generator=gen), torch.randn(30, 1, 4, 4, generator=gen)
+    expected = torch.cdist(a.flatten(1).double(), b.flatten(1).double()).min(1).values
+    torch.testing.assert_close(nearest_neighbour_distances(a, b, chunk=3), expected)
+
+
+@pytest.mark.parametrize(
+    ("sampler", "extra", "message"),
+    [
+        ("ddim", ["--timestep-spacing", "karras"], r"^error: sampler 'ddim' does not support .* 'karras'"),
+        ("dpmpp_3m", ["--steps", "1000"], r"^error: steps must be in 1\.\.999 for sampler 'dpmpp_3m', got 1000$"),
+        ("unipc", ["--steps", "0"], r"^error: steps must be in 1\.\.999 for sampler 'unipc', got 0$"),
+    ],
+)
+def test_evaluate_rejects_what_the_sampler_cannot_run_before_any_work(
+    tiny_model_dir: Path, sampler: str, extra: list[str], message: str
+) -> None:
+    # checked first: tiny_model_dir has no classifier and no data source, which would fail later
+    argv = ["evaluate", "--model", str(tiny_model_dir), "--sampler", sampler, "--device", "cpu", *extra]
+    with pytest.raises(SystemExit, match=message) as info:
+        main(argv)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match=message.removeprefix("^error: ")):
+        evaluate(tiny_model_dir, sampler, steps=int(extra[1]) if extra[0] == "--steps" else None,
+                 spacing=extra[1] if extra[0] == "--timestep-spacing" else None)
 
 
 def test_evaluate_refuses_models_the_classifier_cannot_score(tiny_model_dir: Path) -> None:
     with pytest.raises(ValueError, match="1×28×28"):
-        evaluate(tiny_model_dir, classifier_path=CLASSIFIER, data=IMAGES)
+        evaluate(tiny_model_dir, classifier_path=CLASSIFIER, train=IMAGES)
