@@ -62,3 +62,38 @@ def test_omp_teams_bench_runs_every_scenario(tiny_model_dir: Path) -> None:
     for label in ("| main |", "| worker, main ran a multi-threaded op |", "| worker, main kept at 1 thread |",
                   "| worker, another thread holds an idle team |"):
         assert label in table, table
+
+
+MNIST = REPO.parent / "shared" / "data" / "mnist"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (MNIST / "t10k-images-idx3-ubyte.gz").is_file(), reason=f"MNIST digits not found at {MNIST}")
+def test_sampler_quality_bench_scores_each_point_and_plots(tmp_path: Path) -> None:
+    import torch
+
+    from service.diffusion.checkpoint import ModelSpec, save_model
+    from service.diffusion.unet import UNet
+    from tests.conftest import tiny_unet_config
+
+    torch.manual_seed(0)
+    spec = ModelSpec(name="random28", unet=tiny_unet_config(size=28))
+    spec.extra = {"training": {"holdout": 1000, "split_seed": 0},
+                  "data": {"source": str(MNIST / "t10k-images-idx3-ubyte.gz")}}
+    model = save_model(spec, UNet(spec.unet), tmp_path / "random28")
+    (model / "classifier.safetensors").write_bytes((REPO / "model_store/mnist/classifier.safetensors").read_bytes())
+    out, plot = tmp_path / "q.json", tmp_path / "q.png"
+    args = ["--model", str(model), "--configs", "dpmpp_2m:karras,ddim", "--steps", "2,3", "--num", "20",
+            "--batch", "10", "--threads", "1", "--json", str(out), "--plot", str(plot)]
+    table = run_bench("sampler_quality.py", *args).stdout
+    points = json.loads(out.read_text())["points"]
+    assert {(p["sampler"], p["spacing"], p["steps"]) for p in points} == {
+        ("dpmpp_2m", "karras", 2), ("dpmpp_2m", "karras", 3), ("ddim", "leading", 2), ("ddim", "leading", 3)}
+    for p in points:
+        assert p["num"] == 20 and p["fld"] > 0 and p["floor_fld"] > 0 and p["images_per_s"] > 0 and p["novelty"] > 0
+    assert "| dpmpp_2m | karras | 3 | 20 |" in table
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --resume keeps the measured points and measures only the new ones
+    again = run_bench("sampler_quality.py", *args[:-4], "--steps", "2", "--json", str(out), "--plot", str(plot),
+                      "--resume").stdout
+    assert "FLD" not in again.split("|")[0]  # nothing re-measured: no progress line before the table

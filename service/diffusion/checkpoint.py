@@ -40,6 +40,8 @@ __all__ = [
 FORMAT = "ddpm-service/1"
 WEIGHTS_FILE = "model.safetensors"
 DIFFUSERS_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+SAMPLING_OPTIONS = frozenset(f.name for f in fields(SamplerOptions))
+MODEL_OPTIONS = frozenset({"variance_type", "clip_sample", "beta_schedule"})  # top-level config keys, not "sampling"
 # scheduler_config.json keys that carry over (diffusers' from_config passes them to every scheduler class)
 SAMPLING_KEYS = ("timestep_spacing", "steps_offset", "set_alpha_to_one", "lower_order_final", "clip_sample_range")
 
@@ -65,8 +67,8 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         """Check ``sampling``: known keys, and spacings each named sampler supports."""
-        known = {f.name for f in fields(SamplerOptions)} | {"timestep_spacing"}
-        unknown = sorted(set(self.sampling) - known - {"variance_type", "clip_sample", "beta_schedule"})
+        known = (SAMPLING_OPTIONS - MODEL_OPTIONS) | {"timestep_spacing"}
+        unknown = sorted(set(self.sampling) - known)
         if unknown:
             raise CheckpointError(f"unknown sampling settings {unknown}; known: {sorted(known)}")
         spacing = self.sampling.get("timestep_spacing")
@@ -80,8 +82,7 @@ class ModelSpec:
     @property
     def options(self) -> SamplerOptions:
         """The settings every sampler's plan reads (with the model's variance type and clipping)."""
-        keys = {f.name for f in fields(SamplerOptions)} - {"variance_type", "clip_sample", "beta_schedule"}
-        given = {k: v for k, v in self.sampling.items() if k in keys}
+        given = {k: v for k, v in self.sampling.items() if k in SAMPLING_OPTIONS - MODEL_OPTIONS}
         return SamplerOptions(variance_type=self.variance_type, clip_sample=self.clip_sample,
                               beta_schedule=self.beta_schedule, **given)
 

@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.diffusion.checkpoint import CheckpointError, load_model
+from service.diffusion.checkpoint import CheckpointError, ModelSpec, load_model, save_model
+from service.diffusion.unet import UNet
 
 
 def test_roundtrip_keeps_weights_and_spec(tiny_model_dir: Path) -> None:
@@ -27,3 +28,18 @@ def test_tampered_weights_are_refused_with_both_hashes(tiny_model_dir: Path) -> 
         load_model(tiny_model_dir)
     msg = str(err.value)
     assert str(weights) in msg and expected in msg and "sha256 mismatch" in msg
+
+
+def test_sampling_settings_round_trip_and_bad_ones_are_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model = load_model(tiny_model_dir)
+    sampling = {"timestep_spacing": {"ddim": "trailing", "unipc": "karras"}, "steps_offset": 1}
+    spec = ModelSpec(name="tiny", unet=model.spec.unet, sampling=sampling)
+    loaded = load_model(save_model(spec, UNet(spec.unet), tmp_path / "m"))
+    assert loaded.spec.sampling == sampling and loaded.spec.options.steps_offset == 1
+    assert [loaded.spec.default_spacing(n) for n in ("ddim", "unipc", "ddpm")] == ["trailing", "karras", "leading"]
+    for bad, message in (({"variance_type": "fixed_large"}, "unknown sampling settings"),
+                         ({"timestep_spacing": {"ddim": "karras"}}, "not supported by 'ddim'"),
+                         ({"timestep_spacing": {"euler": "linspace"}}, "unknown sampler 'euler'"),
+                         ({"timestep_spacing": "logsnr"}, "not supported by 'ddpm'")):
+        with pytest.raises(CheckpointError, match=message):
+            ModelSpec(name="tiny", unet=model.spec.unet, sampling=bad)
