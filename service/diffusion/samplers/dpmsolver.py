@@ -17,54 +17,20 @@ import math
 import numpy as np
 import torch
 
-from service.diffusion.samplers.base import Plan, Rows, Sampler, SamplerOptions, StepOutput, log_snr_half
-from service.diffusion.samplers.spacing import (
-    DISCRETE_SPACINGS,
-    SIGMA_SPACINGS,
-    Spacing,
-    discrete_timesteps,
-    sigma_levels,
-)
-from service.diffusion.schedule import NoiseSchedule
+from service.diffusion.samplers.base import Plan, Rows, StepOutput, log_snr_half
+from service.diffusion.samplers.multistep import MultistepSolver
 
-__all__ = ["DPMSolverPP", "solver_plan"]
+__all__ = ["DPMSolverPP"]
 
 
-def solver_plan(name: str, schedule: NoiseSchedule, steps: int, spacing: Spacing, options: SamplerOptions) -> Plan:
-    """The DPM-Solver / UniPC plan: S timesteps, S+1 noise levels ending at σ = 0 (``final_sigmas_type="zero"``).
-
-    For Karras / log-SNR σ's the UNet gets each σ's nearest timestep (rounded; truncated for the cosine
-    schedule, as diffusers does for ``squaredcos_cap_v2``) while the solver uses the σ's themselves.
-    """
-    abar = schedule.alphas_cumprod_f64().numpy()
-    if spacing in SIGMA_SPACINGS:
-        ts, sigmas = sigma_levels(abar, steps, spacing, round_timesteps=options.beta_schedule != "cosine")
-        levels = 1.0 / (1.0 + sigmas**2)  # ᾱ = 1/(1 + σ²) for the VE-form σ
-    else:
-        ts = discrete_timesteps(schedule.num_timesteps, steps, spacing, options.steps_offset, solver=True)
-        levels = abar[ts]
-    levels = np.append(levels, 1.0).tolist()
-    return Plan(name, spacing, tuple(ts.tolist()), tuple(levels[:-1]), tuple(levels[1:]), options)
-
-
-class DPMSolverPP(Sampler):
+class DPMSolverPP(MultistepSolver):
     family = "dpmsolver"
-    spacings = (*DISCRETE_SPACINGS, *SIGMA_SPACINGS)
-    default_spacing: Spacing = "linspace"
-    default_steps = 20
 
     def __init__(self, name: str, order: int, sde: bool = False) -> None:
         if sde and order > 2:
             raise ValueError("the SDE variant is implemented up to second order")
         self.name, self.order, self.sde = name, order, sde
         self.history_slots = order - 1  # x̂_0 of the previous steps, newest first
-
-    def max_steps(self, num_train_timesteps: int) -> int:
-        return num_train_timesteps - 1
-
-    def plan(self, schedule: NoiseSchedule, steps: int, spacing: Spacing, options: SamplerOptions) -> Plan:
-        self.check(schedule.num_timesteps, steps, spacing)
-        return solver_plan(self.name, schedule, steps, spacing, options)
 
     def order_at(self, plan: Plan, i: int) -> int:
         """diffusers' order rule: warm up one order per step; first order into σ = 0; ≤ 2nd just before it."""

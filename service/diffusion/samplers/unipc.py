@@ -16,10 +16,8 @@ import math
 import numpy as np
 import torch
 
-from service.diffusion.samplers.base import Plan, Rows, Sampler, SamplerOptions, StepOutput, log_snr_half
-from service.diffusion.samplers.dpmsolver import solver_plan
-from service.diffusion.samplers.spacing import DISCRETE_SPACINGS, SIGMA_SPACINGS, Spacing
-from service.diffusion.schedule import NoiseSchedule
+from service.diffusion.samplers.base import Plan, Rows, StepOutput, log_snr_half
+from service.diffusion.samplers.multistep import MultistepSolver
 
 __all__ = ["UniPC"]
 
@@ -44,22 +42,12 @@ def _rhos(rks: list[float], hh: float, order: int, corrector: bool) -> np.ndarra
     return np.array([0.5]) if order == 2 else np.linalg.solve(big_r[:-1, :-1], b[:-1])
 
 
-class UniPC(Sampler):
+class UniPC(MultistepSolver):
     family = "unipc"
-    spacings = (*DISCRETE_SPACINGS, *SIGMA_SPACINGS)
-    default_spacing: Spacing = "linspace"
-    default_steps = 20
 
     def __init__(self, name: str = "unipc", order: int = 2) -> None:
         self.name, self.order = name, order
         self.history_slots = 1 + order  # x_s before its predictor (for UniC), then x̂_0 of the last `order` steps
-
-    def max_steps(self, num_train_timesteps: int) -> int:
-        return num_train_timesteps - 1
-
-    def plan(self, schedule: NoiseSchedule, steps: int, spacing: Spacing, options: SamplerOptions) -> Plan:
-        self.check(schedule.num_timesteps, steps, spacing)
-        return solver_plan(self.name, schedule, steps, spacing, options)
 
     def order_at(self, plan: Plan, i: int) -> int:
         """Order of the predictor at step i: warm-up min(i+1, order), and ≤ steps left with ``lower_order_final``."""
