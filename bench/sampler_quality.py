@@ -64,8 +64,9 @@ def measure_point(args: argparse.Namespace, model: DiffusionModel, ev: Evaluator
     }
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def plot(rows: list[dict], path: Path, title: str, hlines: list[str]) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -81,11 +82,17 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ddpm = [r for r in rows if r["sampler"] == "ddpm" and r["steps"] >= 1000]
     if ddpm:
         ax.axhline(ddpm[0]["fld"], color="black", linestyle="--", label=f"DDPM-1000 (N={ddpm[0]['num']})")
+    for spec in hlines:  # "label=value": a figure measured elsewhere, e.g. the model card's DDPM-1000
+        label, value = spec.rsplit("=", 1)
+        ax.axhline(float(value), color="black", linestyle="-.", label=label)
     floors = sorted({(r["num"], r["floor_fld"]) for r in rows})
     for n, f in floors:
         ax.axhline(f, color="grey", linestyle=":", label=f"real-data floor (N={n})")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ticks = sorted({r["nfe"] for r in rows if r["nfe"] < 1000})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel("network evaluations per image (steps)")
     ax.set_ylabel("FLD (lower is better)")
     ax.set_title(title)
@@ -124,6 +131,7 @@ def main() -> None:
     p.add_argument("--json", default="docs/sampler_quality.json")
     p.add_argument("--plot", default="docs/sampler_quality.png")
     p.add_argument("--resume", action="store_true", help="keep the points already in --json")
+    p.add_argument("--hline", action="append", default=[], help="LABEL=FLD: a reference line measured elsewhere")
     args = p.parse_args()
 
     args.threads = claim_threads_for_worker(args.threads)
@@ -153,7 +161,8 @@ def main() -> None:
                                    "batch": args.batch, "threads": args.threads, "evaluation": ev.describe(),
                                    "points": rows}, indent=2) + "\n")
     print(table(rows))
-    plot(rows, Path(args.plot), f"{model.name}: FLD vs network evaluations ({args.dtype}, batch {args.batch})")
+    plot(rows, Path(args.plot), f"{model.name}: FLD vs network evaluations ({args.dtype}, batch {args.batch})",
+         args.hline)
     print(f"wrote {out} and {args.plot}")
 
 

@@ -189,8 +189,9 @@ function gaussian(n, seed) {
 
 /* --------------------------------------------------------------- model */
 
-/** The sampler the Generate panel starts on when the server offers it (provisional: best quality for cost). */
-const DEFAULT_SAMPLER = "dpmpp_2m";
+/** The sampler the Generate panel starts on when the server offers it: the best quality for its cost in
+ *  docs/benchmarks.md ("Samplers: quality against cost"; UniPC led at 5, 10 and 20 steps). */
+const DEFAULT_SAMPLER = "unipc";
 
 /** Menu labels; a sampler the server lists but this table lacks is shown by its name. */
 const SAMPLER_LABELS = {

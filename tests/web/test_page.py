@@ -101,14 +101,14 @@ def test_generate_streams_progress_and_shows_images(page: Page) -> None:
 
 
 def test_invalid_input_shows_422(page: Page) -> None:
-    assert page.eval("document.getElementById('gen-sampler').value") == "dpmpp_2m"
+    assert page.eval("document.getElementById('gen-sampler').value") == "unipc"
     set_value(page, "#gen-steps", 5000)
     page.eval("document.getElementById('gen-steps').removeAttribute('max')")  # past the form's own check
     click(page, "#gen-run")
     message = page.wait_for("!document.getElementById('gen-error').hidden && "
                             "document.getElementById('gen-error').textContent")
-    # DPM-Solver++ takes at most T − 1 steps
-    assert message.startswith("422") and "steps" in message and "1..999" in message and "dpmpp_2m" in message
+    # UniPC takes at most T − 1 steps
+    assert message.startswith("422") and "steps" in message and "1..999" in message and "unipc" in message
     assert page.eval("document.getElementById('gen-run').disabled") is False
 
 
@@ -120,14 +120,14 @@ def test_sampler_menu_follows_the_model(page: Page) -> None:
     assert options(page, "#gen-sampler") == info["samplers"]
     labels = page.eval("[...document.querySelectorAll('#gen-sampler option')].map(o => o.textContent)")
     assert "DPM-Solver++ 2M" in labels and "UniPC" in labels and "DDPM (ancestral)" in labels
-    # the default: DPM-Solver++(2M), its default steps, no η, spacing left to the model
-    assert page.eval("document.getElementById('gen-sampler').value") == "dpmpp_2m"
-    assert page.eval("document.getElementById('gen-steps').value") == str(info["default_steps"]["dpmpp_2m"]) == "20"
-    assert page.eval("document.getElementById('gen-steps').max") == str(info["max_steps"]["dpmpp_2m"]) == "999"
+    # the default: UniPC, its default steps, no η, spacing left to the model
+    assert page.eval("document.getElementById('gen-sampler').value") == "unipc"
+    assert page.eval("document.getElementById('gen-steps').value") == str(info["default_steps"]["unipc"]) == "20"
+    assert page.eval("document.getElementById('gen-steps').max") == str(info["max_steps"]["unipc"]) == "999"
     assert not visible(page, "#gen-eta-label")
-    assert options(page, "#gen-spacing") == ["", *info["timestep_spacings"]["dpmpp_2m"]]
+    assert options(page, "#gen-spacing") == ["", *info["timestep_spacings"]["unipc"]]
     assert "karras" in options(page, "#gen-spacing")
-    default_label = f"model default ({info['default_timestep_spacing']['dpmpp_2m']})"
+    default_label = f"model default ({info['default_timestep_spacing']['unipc']})"
     assert page.eval("document.querySelector('#gen-spacing option').textContent") == default_label
     # an explicit karras does not survive a switch to a sampler without it
     set_value(page, "#gen-spacing", "karras", "change")
