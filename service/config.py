@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="bind address (0.0.0.0 in containers)")
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line (log shippers)")
     drain_timeout_s: float = Field(60.0, gt=0, description="SIGTERM: how long in-flight requests may run")
     # engine
     max_batch_rows: int = Field(64, ge=1, description="rows (images) per UNet forward")

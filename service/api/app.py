@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from starlette.types import Receive, Scope, Send
 
 from service.api.errors import install_error_handlers
-from service.api.middleware import BodyLimitMiddleware, HttpMetricsMiddleware
+from service.api.middleware import BodyLimitMiddleware, HttpMetricsMiddleware, RequestIdMiddleware, json_error
 from service.api.openapi import install_openapi
 from service.api.routes import denoise, generate, health, noise
 from service.config import Settings
@@ -40,7 +40,10 @@ Denoising diffusion (DDPM, Ho et al. 2020) inference with step-level continuous 
 **Timesteps are 0-based, `t ∈ 0..T-1`, as in diffusers.** `t = 0` is one step of noise (the paper's
 1-based step 1) and `t = T-1` is pure noise. `GET /v1/model` reports T.
 
-**Errors** are JSON `{"detail": "..."}`; 422 adds `errors` (one entry per field). 422: invalid
+**Request ids**: a valid `X-Request-ID` header (≤ 128 printable ASCII characters, no spaces) is kept, otherwise
+one is generated; every response echoes it in `X-Request-ID`, and the server's log lines about the request carry it.
+
+**Errors** are JSON `{"detail": "...", "request_id": "..."}`; 422 adds `errors` (one entry per field). 422: invalid
 field, base64, `.npy`, shape, dtype, NaN/Inf; 413: body over `DDPM_MAX_UPLOAD_BYTES`; 415: media
 type; 400: undecodable image; 429 + `Retry-After`: queue full; 503: not ready or draining; 504:
 deadline passed. A client that disconnects cancels its request.
@@ -65,14 +68,9 @@ class _WebFiles:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         methods = self.api_methods.get(scope.get("path", ""))
         if scope["type"] == "http" and methods:
-            body = b'{"detail":"Method Not Allowed"}'
-            headers = [
-                (b"allow", ", ".join(sorted(methods)).encode()),
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ]
-            await send({"type": "http.response.start", "status": 405, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            allow = [(b"allow", ", ".join(sorted(methods)).encode())]
+            for message in json_error("Method Not Allowed", scope, 405, allow):
+                await send(message)
             return
         await self.static(scope, receive, send)
 
@@ -173,4 +171,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_openapi(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes)
     app.add_middleware(HttpMetricsMiddleware, metrics=HttpMetrics(registry))
+    app.add_middleware(RequestIdMiddleware)  # last = outermost: every response gets X-Request-ID
     return app

@@ -1,4 +1,5 @@
-"""Error responses: one JSON shape (``{"detail": str, "errors"?: [...]}``) and the status of each failure.
+"""Error responses: one JSON shape (``{"detail": str, "errors"?: [...], "request_id": str}``) and the status of
+each failure. ``request_id`` is the id the response's ``X-Request-ID`` header carries (``RequestIdMiddleware``).
 
 =======================================  ======  =============================================
 failure                                   status  notes
@@ -25,6 +26,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.encoding import InputError
+from service.api.middleware import request_id
 from service.api.schemas import ErrorResponse
 from service.engine.client import (
     EngineError,
@@ -37,6 +39,7 @@ from service.engine.client import (
 __all__ = [
     "CLIENT_CLOSED_REQUEST",
     "engine_error_status",
+    "error_body",
     "error_responses",
     "install_error_handlers",
     "invalid",
@@ -96,34 +99,40 @@ def engine_error_status(exc: EngineError) -> tuple[int, str, dict[str, str]]:
     return 500, f"engine error: {exc}", {}
 
 
+def error_body(request: Request, detail: str, **extra: Any) -> dict[str, Any]:
+    """``{"detail", **extra, "request_id"}``: what every error response carries."""
+    return {"detail": detail, **extra, "request_id": request_id(request.scope)}
+
+
 def to_http_exception(exc: EngineError) -> HTTPException:
     status, detail, headers = engine_error_status(exc)
     return HTTPException(status, detail, headers=headers or None)
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Every error body is ``{"detail": str}``; validation errors add ``errors`` without echoing inputs."""
+    """Every error body is ``{"detail": str, "request_id": str}``; validation errors add ``errors`` without echoing
+    inputs."""
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [
             {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
             for e in exc.errors()
         ]
-        return JSONResponse({"detail": _summary(exc.errors()), "errors": errors}, status_code=422)
+        return JSONResponse(error_body(request, _summary(exc.errors()), errors=errors), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 400 and detail == _FASTAPI_BODY_ERROR:  # undecodable bytes where JSON was expected
-            return JSONResponse({"detail": "request body is not valid JSON (UTF-8)"}, status_code=422)
-        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+            return JSONResponse(error_body(request, "request body is not valid JSON (UTF-8)"), status_code=422)
+        return JSONResponse(error_body(request, detail), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(InputError)
-    async def _input(_: Request, exc: InputError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+    async def _input(request: Request, exc: InputError) -> JSONResponse:
+        return JSONResponse(error_body(request, str(exc)), status_code=422)
 
     @app.exception_handler(EngineError)
-    async def _engine(_: Request, exc: EngineError) -> JSONResponse:
+    async def _engine(request: Request, exc: EngineError) -> JSONResponse:
         status, detail, headers = engine_error_status(exc)
-        return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+        return JSONResponse(error_body(request, detail), status_code=status, headers=headers)

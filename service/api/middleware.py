@@ -1,5 +1,8 @@
 """Pure ASGI middlewares (no ``BaseHTTPMiddleware``: it would hide client disconnects from the routes).
 
+* :class:`RequestIdMiddleware` (outermost) takes a valid ``X-Request-ID`` or makes one, echoes it on every
+  response, puts it in ``request.state.request_id`` and in the log context, writes the access line, and turns
+  an unhandled exception into a JSON 500 that names the request.
 * :class:`HttpMetricsMiddleware` counts requests and times them by route template, method and status.
 * :class:`BodyLimitMiddleware` answers 413 for a body over the limit: at once from ``Content-Length``,
   or as soon as a chunked body crosses the limit while a route reads it.
@@ -8,15 +11,34 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
+import uuid
+from typing import Any
 
 from starlette.exceptions import HTTPException
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.logging_setup import request_id_var
 from service.metrics import HttpMetrics
 
-__all__ = ["BodyLimitMiddleware", "HttpMetricsMiddleware", "route_label"]
+__all__ = [
+    "BodyLimitMiddleware",
+    "HttpMetricsMiddleware",
+    "RequestIdMiddleware",
+    "json_error",
+    "log_fields",
+    "request_id",
+    "route_label",
+]
+
+_VALID_REQUEST_ID = re.compile(rb"[!-~]{1,128}")  # printable ASCII, no space, at most 128 characters
+_MAX_LOGGED_PATH = 256
+
+access_log = logging.getLogger("service.access")
+log = logging.getLogger("service.api")
 
 
 def route_label(scope: Scope) -> str:
@@ -26,6 +48,95 @@ def route_label(scope: Scope) -> str:
         return "static"
     path = getattr(route, "path", None)
     return path if isinstance(path, str) and path else "unmatched"
+
+
+def request_id(scope: Scope) -> str | None:
+    """The id :class:`RequestIdMiddleware` gave this request (``request.state.request_id``)."""
+    return scope.get("state", {}).get("request_id")
+
+
+def log_fields(scope: Scope, **fields: Any) -> None:
+    """Extra fields for the request's access line (e.g. ``sampler``, ``images``)."""
+    scope.setdefault("state", {}).setdefault("log_fields", {}).update(fields)
+
+
+def json_error(detail: str, scope: Scope, status: int, headers: list[tuple[bytes, bytes]] | None = None
+               ) -> tuple[Message, Message]:
+    """``http.response.start`` and ``http.response.body`` of a JSON error ``{"detail", "request_id"}``."""
+    body = json.dumps({"detail": detail, "request_id": request_id(scope)}).encode()
+    headers = [*(headers or []), (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    return ({"type": "http.response.start", "status": status, "headers": headers},
+            {"type": "http.response.body", "body": body})
+
+
+class RequestIdMiddleware:
+    """Request ids, the access line, and a JSON 500 for anything unhandled; add it last (outermost)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    @staticmethod
+    def _incoming(scope: Scope) -> str | None:
+        for name, value in scope.get("headers", ()):
+            if name == b"x-request-id":
+                return value.decode("ascii") if _VALID_REQUEST_ID.fullmatch(value) else None
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = self._incoming(scope) or uuid.uuid4().hex  # an invalid id is replaced, not refused
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        token = request_id_var.set(rid)
+        start = time.perf_counter()
+        status: int | None = None
+        header = (b"x-request-id", rid.encode("ascii"))
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                headers = [(k, v) for k, v in message.get("headers", ()) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, header]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:  # Starlette's ServerErrorMiddleware sits outside and would answer in plain text
+            log.exception("unhandled error in %s %s", scope["method"], route_label(scope))
+            if status is None:
+                for message in json_error("internal server error", scope, 500):
+                    await send_with_id(message)
+            else:
+                status = 500  # the response broke off after it started
+        finally:
+            try:
+                self._access_line(scope, status, time.perf_counter() - start)
+            finally:
+                request_id_var.reset(token)
+
+    @staticmethod
+    def _access_line(scope: Scope, status: int | None, seconds: float) -> None:
+        """``POST /generate 200 0.153s`` plus fields; never headers, query strings or bodies (keys, inputs)."""
+        raw = scope.get("raw_path") or scope.get("path", "").encode()
+        # as sent (percent-encoded, no query string), anything but printable ASCII escaped: one line per request
+        path = "".join(chr(b) if 0x21 <= b <= 0x7E else f"%{b:02X}" for b in raw[:_MAX_LOGGED_PATH])
+        status = 500 if status is None else status  # no response: as HttpMetricsMiddleware counts it
+        fields = {
+            "route": route_label(scope),
+            "method": scope["method"],
+            "path": path,
+            "status": status,
+            "duration": round(seconds, 6),
+            **scope.get("state", {}).get("log_fields", {}),
+        }
+        client = scope.get("client")
+        if client:
+            fields["client"] = client[0]
+        more = "".join(f" {k}={fields[k]}" for k in ("sampler", "images") if k in fields)
+        access_log.info("%s %s %d %.3fs%s", scope["method"], path, status, seconds, more, extra=fields)
 
 
 class HttpMetricsMiddleware:
@@ -72,7 +183,8 @@ class BodyLimitMiddleware:
                 except ValueError:
                     size = -1
                 if size > self.max_bytes:
-                    await self._reject(send, self._too_large(size))
+                    for message in json_error(self._too_large(size), scope, 413):
+                        await send(message)
                     return
         received = 0
 
@@ -86,10 +198,3 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
-
-    @staticmethod
-    async def _reject(send: Send, detail: str) -> None:
-        body = json.dumps({"detail": detail}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})

@@ -55,6 +55,10 @@ class ErrorResponse(BaseModel):
 
     detail: str = Field(examples=["t: must be in 0..999 (0-based timestep), got 1000"])
     errors: list[dict] | None = Field(None, description="one entry per invalid field: loc, msg, type")
+    request_id: str = Field(
+        description="the request's id, also in the X-Request-ID response header and in the server's log lines",
+        examples=["3f2c1e0a9b8d4c7e8f6a5b4c3d2e1f00"],
+    )
 
 
 class GenerateRequest(BaseModel):
@@ -121,6 +125,7 @@ class StreamErrorData(BaseModel):
 
     status: int = Field(examples=[504])
     detail: str
+    request_id: str = Field(description="the request's id (the X-Request-ID response header)")
 
 
 class DenoiseStepRequest(BaseModel):

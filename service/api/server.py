@@ -18,6 +18,7 @@ import uvicorn
 
 from service.api.app import begin_drain, create_app
 from service.config import Settings
+from service.logging_setup import configure_logging
 
 __all__ = ["DrainingServer", "serve"]
 
@@ -62,13 +63,15 @@ class DrainingServer(uvicorn.Server):
 def serve(settings: Settings | None = None) -> int:
     """Run the service in this process until SIGTERM/SIGINT; 0 after a clean drain, 1 if the engine failed."""
     settings = settings or Settings()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # keep configure_logging's handler: uvicorn's loggers share our format
+        access_log=False,  # RequestIdMiddleware writes the access line (with request id, route, status)
         lifespan="on",
         timeout_graceful_shutdown=settings.drain_timeout_s + 5,
     )

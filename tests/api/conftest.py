@@ -143,3 +143,12 @@ def server_t50(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     srv = Server(make_model(tmp / "tiny", timesteps=50), tmp, DDPM_MAX_IMAGES_PER_REQUEST="4")
     yield srv
     assert srv.stop() == 0, srv.log()
+
+
+@pytest.fixture(scope="session")
+def server_json(model_t1000: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """``DDPM_LOG_FORMAT=json`` at info level (access lines on), a 64 KiB upload limit."""
+    srv = Server(model_t1000, tmp_path_factory.mktemp("srv-json"), DDPM_LOG_FORMAT="json", DDPM_LOG_LEVEL="info",
+                 DDPM_MAX_UPLOAD_BYTES=str(64 * 1024))
+    yield srv
+    assert srv.stop() == 0, srv.log()

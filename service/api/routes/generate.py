@@ -11,7 +11,8 @@ from fastapi.responses import StreamingResponse
 
 from service.api.deps import ClientDisconnected, EngineDep, SettingsDep, await_unless_disconnected, submit
 from service.api.encoding import b64_png
-from service.api.errors import CLIENT_CLOSED_REQUEST, engine_error_status, error_responses, invalid
+from service.api.errors import CLIENT_CLOSED_REQUEST, engine_error_status, error_body, error_responses, invalid
+from service.api.middleware import log_fields
 from service.api.schemas import GenerateRequest, GenerateResponse, ProgressData, StreamErrorData
 from service.config import Settings
 from service.diffusion.samplers import get_sampler
@@ -126,6 +127,7 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, s
     `sampler`, `steps`, `timestep_spacing` and `eta` always give the same images. A client that
     disconnects cancels its request.
     """
+    log_fields(request.scope, sampler=body.sampler, images=body.num_images)
     greq = generation_request(body, engine, settings)
     handle = submit(engine, greq)
     try:
@@ -135,7 +137,7 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, s
         return Response(status_code=CLIENT_CLOSED_REQUEST)
     except EngineError as exc:
         status, detail, headers = engine_error_status(exc)
-        return Response(json.dumps({"detail": detail}), status, headers, media_type="application/json")
+        return Response(json.dumps(error_body(request, detail)), status, headers, media_type="application/json")
     headers = {"X-Seed": str(result.seed)}
     if body.format == "png":
         image = result.images[0] if result.images.shape[0] == 1 else grid(result.images)
@@ -173,6 +175,7 @@ async def generate_stream(
     as an `error` event. Previews come every `DDPM_PREVIEW_EVERY` steps (default: about 10 per request).
     Closing the connection cancels the request.
     """
+    log_fields(request.scope, sampler=body.sampler, images=body.num_images)
     greq = generation_request(body, engine, settings, previews=True)
     handle = submit(engine, greq)
 
@@ -186,7 +189,7 @@ async def generate_stream(
             except EngineError as exc:
                 status, detail, _ = engine_error_status(exc)
                 finished = True
-                yield _sse("error", StreamErrorData(status=status, detail=detail).model_dump())
+                yield _sse("error", StreamErrorData(status=status, **error_body(request, detail)).model_dump())
                 return
             finished = True
             yield _sse("result", result_payload(result))
