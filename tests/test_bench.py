@@ -97,3 +97,27 @@ def test_sampler_quality_bench_scores_each_point_and_plots(tmp_path: Path) -> No
     again = run_bench("sampler_quality.py", *args[:-4], "--steps", "2", "--json", str(out), "--plot", str(plot),
                       "--resume").stdout
     assert "FLD" not in again.split("|")[0]  # nothing re-measured: no progress line before the table
+
+
+@pytest.mark.slow
+def test_training_curve_plots_a_runs_loss_log(tmp_path: Path) -> None:
+    import numpy as np
+
+    from service.train import TrainConfig, train
+
+    data = tmp_path / "bars.npz"
+    bars = np.zeros((8, 8, 8), np.uint8)
+    for i in range(8):
+        bars[i, i, :] = 255
+    np.savez(data, images=bars)
+    cfg = TrainConfig(data=str(data), out=str(tmp_path / "m"), workdir=str(tmp_path / "w"), image_size=8,
+                      block_out_channels=(8, 16), attention_levels=(1,), norm_num_groups=4, batch_size=4, steps=12,
+                      holdout=0, sample_every=0, checkpoint_every=100, log_every=2, threads=1,
+                      lr_schedule="cosine", warmup_steps=2)
+    train(cfg, log=lambda *_: None)
+    out = tmp_path / "curve.png"
+    assert "wrote" in run_bench("training_curve.py", "--workdir", str(tmp_path / "w"), "--out", str(out)).stdout
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    proc = subprocess.run([sys.executable, "bench/training_curve.py", "--workdir", str(tmp_path / "w"), "--out",
+                           str(out), "--snapshots"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--classifier" in proc.stderr
