@@ -61,6 +61,8 @@ class _WebFiles:
     """The static web page, mounted at ``/`` after the API: a wrong method on an API path still gets
     405 with that route's ``Allow`` methods (the catch-all mount would otherwise answer it)."""
 
+    route_label = "static"  # its metrics and access-log label (middleware.route_label)
+
     def __init__(self, directory: Path, api_methods: dict[str, set[str]]) -> None:
         self.static = StaticFiles(directory=directory, html=True)
         self.api_methods = api_methods

@@ -42,12 +42,19 @@ log = logging.getLogger("service.api")
 
 
 def route_label(scope: Scope) -> str:
-    """The matched route's template (``/noise``), ``static`` for the web page, ``unmatched`` otherwise."""
+    """The matched route's template (``/noise``), ``static`` for the web page, ``unmatched`` otherwise.
+
+    FastAPI's router sets no ``scope["route"]`` for a mount, so a mounted app names itself through a
+    ``route_label`` attribute on the endpoint it becomes (``scope["endpoint"]``).
+    """
     route = scope.get("route")
     if isinstance(route, Mount):
         return "static"
     path = getattr(route, "path", None)
-    return path if isinstance(path, str) and path else "unmatched"
+    if isinstance(path, str) and path:
+        return path
+    label = getattr(scope.get("endpoint"), "route_label", None)
+    return label if isinstance(label, str) else "unmatched"
 
 
 def request_id(scope: Scope) -> str | None:

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import io
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -312,3 +313,8 @@ def test_web_page_mounted_after_the_api(server: Server) -> None:
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert r.text == (WEB_DIR / "index.html").read_text()
     assert server.client.get("/healthz").json() == {"status": "ok"}  # API routes win over the static mount
+    # the web page is counted as "static" (the count lands just after the last body chunk is sent)
+    deadline = time.monotonic() + 5
+    while server.metric("ddpm_http_requests_total", route="static", method="GET", status="200") < 1:
+        assert time.monotonic() < deadline, "GET / never counted as route=static"
+        time.sleep(0.05)
