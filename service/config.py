@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -30,6 +30,11 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line (log shippers)")
     drain_timeout_s: float = Field(60.0, gt=0, description="SIGTERM: how long in-flight requests may run")
+    # authentication (service/api/auth.py); keys are secrets: SecretStr keeps them out of repr and logs
+    api_keys: SecretStr | None = Field(None, description="comma-separated API keys; when set, Bearer auth is on")
+    api_keys_file: Path | None = Field(None, description="file of API keys, one per line (# comments, blanks ignored)")
+    auth: Literal["auto", "none"] = Field("auto", description="none: allow a non-loopback bind without keys")
+    metrics_auth: bool = Field(False, description="GET /metrics needs a key too (when keys are configured)")
     # engine
     max_batch_rows: int = Field(64, ge=1, description="rows (images) per UNet forward")
     max_queue_rows: int = Field(512, ge=1, description="rows admitted (queued + running); beyond → 429")
@@ -50,6 +55,18 @@ class Settings(BaseSettings):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_api_keys(self) -> tuple[str, ...]:
+        """The keys of ``api_keys`` and ``api_keys_file`` (stripped, deduplicated); OSError if the file is unreadable,
+        ValueError if a configured file holds no key."""
+        keys = [k.strip() for k in (self.api_keys.get_secret_value() if self.api_keys else "").split(",")]
+        if self.api_keys_file is not None:
+            lines = [line.strip() for line in self.api_keys_file.read_text(encoding="utf-8").splitlines()]
+            from_file = [line for line in lines if line and not line.startswith("#")]
+            if not from_file:
+                raise ValueError(f"DDPM_API_KEYS_FILE {self.api_keys_file} contains no key")
+            keys += from_file
+        return tuple(dict.fromkeys(k for k in keys if k))
 
     def resolved_examples_dir(self) -> Path:
         return Path(self.examples_dir) if self.examples_dir else Path(self.model) / "examples"

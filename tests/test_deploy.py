@@ -6,11 +6,15 @@
   rules unit-tested with ``promtool test rules``, and by structure when promtool is missing;
 * every metric name used by the Grafana dashboard, the Prometheus rules and the KEDA autoscaler exists in a
   live ``/metrics`` scrape of the real server;
-* Dockerfiles, nginx.conf and the Kubernetes manifests reference real ports, paths, settings and files.
+* Dockerfiles, nginx.conf and the Kubernetes manifests reference real ports, paths, settings and files;
+* the API key reaches every ddpm container from outside the repository (compose: ``env_file: .env``; k8s: a
+  Secret via ``secretKeyRef``), without it the containers' settings refuse to start, and their health checks
+  and probes hit routes that need no key.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -24,6 +28,7 @@ import jsonschema
 import pytest
 import yaml
 
+from service.api.auth import startup_refusal
 from service.config import Settings
 from tests.conftest import REPO
 
@@ -50,11 +55,29 @@ def k8s(kind: str) -> list[dict]:
     return [d for d in k8s_docs() if d["kind"] == kind]
 
 
-def api_paths() -> set[str]:
-    """The routes the app really serves (from its OpenAPI document; no model is loaded)."""
+@functools.cache
+def openapi() -> dict[str, Any]:
+    """The app's OpenAPI document with an API key configured (no model is loaded)."""
     from service.api.app import create_app
 
-    return set(create_app(Settings()).openapi()["paths"])
+    return create_app(Settings(api_keys="k")).openapi()
+
+
+def api_paths() -> set[str]:
+    """The routes the app really serves."""
+    return set(openapi()["paths"])
+
+
+def needs_no_key(path: str) -> bool:
+    """Whether GET ``path`` is open with keys configured (no security requirement in the OpenAPI document)."""
+    return "security" not in openapi()["paths"][path]["get"]
+
+
+def assert_key_required(settings: Settings, where: str) -> None:
+    """The settings bind a non-loopback address, so they start only with a key: refused as they are, fine with one."""
+    assert settings.auth == "auto" and settings.api_keys is None, f"{where}: a key or DDPM_AUTH=none in the file"
+    assert startup_refusal(settings) is not None, f"{where}: would start without a key"
+    assert startup_refusal(Settings(**{**settings.model_dump(), "api_keys": "k"})) is None, where
 
 
 # ----------------------------------------------------------------------------------------- README
@@ -67,6 +90,9 @@ def test_readme_documents_every_setting_and_endpoint() -> None:
     for path in api_paths() - {"/docs", "/redoc", "/openapi.json"}:
         assert re.search(rf"curl[^\n]*localhost:8000{re.escape(path)}\b", readme), f"no curl example for {path}"
     assert "curl 'localhost:8000/noise?t=300' -o x300.png" in readme
+    assert re.search(r'curl -H "Authorization: Bearer \$KEY" localhost:8000/', readme)
+    for name in ("DDPM_API_KEYS", "DDPM_API_KEYS_FILE", "DDPM_AUTH=none", "env_file", ".env", "ddpm-api-keys"):
+        assert name in readme, name
     for link in re.findall(r"\]\(((?:docs|deploy|docker)/[^)#]+)\)", readme):
         assert (REPO / link).exists(), link
 
@@ -159,9 +185,11 @@ def test_compose_ddpm_settings_are_real_and_consistent(compose: dict) -> None:
         assert set(env) <= SETTINGS, f"{name}: unknown settings {set(env) - SETTINGS}"
         s = Settings(**{k.removeprefix("DDPM_").lower(): v for k, v in env.items()})  # values parse
         assert s.host == "0.0.0.0" and s.port == PORT
+        assert svc["env_file"] == ".env", f"{name}: the API key comes from .env (README: Docker Compose)"
+        assert_key_required(s, name)
         assert s.drain_timeout_s >= s.request_timeout_s, "SIGTERM must let accepted requests finish"
         assert _seconds(svc["stop_grace_period"]) > s.drain_timeout_s, "docker kills before the drain ends"
-        assert svc["healthcheck"]["test"][-1].endswith(f":{PORT}/readyz', timeout=2)")
+        assert svc["healthcheck"]["test"][-1].endswith(f":{PORT}/readyz', timeout=2)") and needs_no_key("/readyz")
         ports = [p for p in svc.get("ports", []) + svc.get("expose", [])]
         assert any(str(p).endswith(str(PORT)) for p in ports), f"{name} does not expose {PORT}"
 
@@ -198,6 +226,11 @@ def test_dockerfiles() -> None:
         assert 'CMD ["python", "-m", "service", "serve"]' in text, name
         env = set(re.findall(r"\b(DDPM_[A-Z_]+)=", text))
         assert env <= SETTINGS, f"{name}: unknown settings {env - SETTINGS}"
+        baked = dict(re.findall(r"^\s*(?:ENV\s+)?(DDPM_[A-Z_]+)=(\S+?)\s*\\?$", text, re.M))  # the ENV lines
+        assert baked["DDPM_HOST"] == "0.0.0.0" and not {"DDPM_API_KEYS", "DDPM_AUTH"} & set(baked), name
+        assert_key_required(Settings(**{k.removeprefix("DDPM_").lower(): v for k, v in baked.items()}), name)
+        assert "--env-file .env" in text, f"{name}: the docker run example passes no key"
+    assert needs_no_key("/readyz")  # the HEALTHCHECK works without a key
     assert "download.pytorch.org/whl/cpu" in (DOCKER / "Dockerfile").read_text()
     assert "download.pytorch.org/whl/cu" in (DOCKER / "Dockerfile.cuda").read_text()
     ignored = [line for line in (REPO / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
@@ -317,15 +350,21 @@ def test_k8s_deployments_probe_real_paths_and_drain_in_time() -> None:
         assert dep["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
         assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items(), f"Service misses {name}"
         (c,) = pod["spec"]["containers"]
-        env = {e["name"]: e["value"] for e in c["env"]}
-        assert set(env) <= SETTINGS, f"{name}: unknown settings {set(env) - SETTINGS}"
+        env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+        from_refs = {e["name"]: e["valueFrom"] for e in c["env"] if "valueFrom" in e}
+        assert set(env) | set(from_refs) <= SETTINGS, f"{name}: unknown settings {set(env) - SETTINGS}"
+        assert from_refs == {"DDPM_API_KEYS": {"secretKeyRef": {"name": "ddpm-api-keys", "key": "api-keys"}}}, name
         settings = Settings(**{k.removeprefix("DDPM_").lower(): v for k, v in env.items()})
+        assert_key_required(settings, name)
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert ports == {"http": settings.port} and settings.host == "0.0.0.0"
         assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(settings.port)
         assert pod["metadata"]["annotations"]["prometheus.io/path"] in paths
         assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and "/readyz" in paths
         assert c["livenessProbe"]["httpGet"]["path"] == "/healthz" and "/healthz" in paths
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):  # kubelet sends no key
+            assert needs_no_key(c[probe]["httpGet"]["path"]), probe
+        assert needs_no_key(pod["metadata"]["annotations"]["prometheus.io/path"])  # scraped without a key
         for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
             assert ports.get(c[probe]["httpGet"]["port"], c[probe]["httpGet"]["port"]) == settings.port
         assert {"cpu", "memory"} <= set(c["resources"]["requests"]) and {"memory"} <= set(c["resources"]["limits"])
@@ -340,6 +379,13 @@ def test_k8s_deployments_probe_real_paths_and_drain_in_time() -> None:
         else:
             assert settings.device == "cpu" and c["image"].endswith(":cpu")
     assert {p["targetPort"] for p in service["spec"]["ports"]} == {"http"}
+
+
+def test_k8s_secret_is_referenced_not_committed() -> None:
+    """No Secret with a value in the repository; the README and the kustomization say how to create it."""
+    assert not k8s("Secret") and "secretGenerator" not in k8s("Kustomization")[0]
+    create = "kubectl create secret generic ddpm-api-keys -n ddpm --from-literal=api-keys="
+    assert create in (REPO / "README.md").read_text() and create in (K8S / "kustomization.yaml").read_text()
 
 
 def test_keda_scales_the_cpu_deployment_on_queue_depth() -> None:

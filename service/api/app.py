@@ -21,6 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CollectorRegistry
 from starlette.types import Receive, Scope, Send
 
+from service.api.auth import ApiKeys
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodyLimitMiddleware, HttpMetricsMiddleware, RequestIdMiddleware, json_error
 from service.api.openapi import install_openapi
@@ -43,10 +44,15 @@ Denoising diffusion (DDPM, Ho et al. 2020) inference with step-level continuous 
 **Request ids**: a valid `X-Request-ID` header (≤ 128 printable ASCII characters, no spaces) is kept, otherwise
 one is generated; every response echoes it in `X-Request-ID`, and the server's log lines about the request carry it.
 
+**Authentication**: when the server has API keys (`DDPM_API_KEYS`, `DDPM_API_KEYS_FILE`), `/generate*`, `/noise*`,
+`/denoise-step` and `/v1/model` need `Authorization: Bearer <key>` (Authorize above); a missing or wrong key gets 401
+with `WWW-Authenticate: Bearer`. `/healthz`, `/readyz` and the web page stay open; `/metrics` too unless
+`DDPM_METRICS_AUTH=true`. Without keys every route is open (allowed on a loopback bind, or with `DDPM_AUTH=none`).
+
 **Errors** are JSON `{"detail": "...", "request_id": "..."}`; 422 adds `errors` (one entry per field). 422: invalid
 field, base64, `.npy`, shape, dtype, NaN/Inf; 413: body over `DDPM_MAX_UPLOAD_BYTES`; 415: media
 type; 400: undecodable image; 429 + `Retry-After`: queue full; 503: not ready or draining; 504:
-deadline passed. A client that disconnects cancels its request.
+deadline passed; 401: API key missing or wrong. A client that disconnects cancels its request.
 """
 
 TAGS = [
@@ -155,6 +161,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     registry = CollectorRegistry()
     app.state.settings = settings
+    app.state.api_keys = ApiKeys(settings.resolved_api_keys())  # empty: auth off (serve refuses that off loopback)
     app.state.registry = registry
     app.state.engine_metrics = EngineMetrics(registry)
     app.state.engine = None

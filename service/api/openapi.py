@@ -2,7 +2,9 @@
 
 FastAPI builds the schema from the routes; limits that depend on the model (T, image shape) and on
 the settings (images per request) are patched in here, so ``/docs`` and fuzzers see the real ranges:
-``t ≤ T-1``, ``steps ≤ T``, ``num_images ≤ max``, and examples that the model accepts.
+``t ≤ T-1``, ``steps ≤ T``, ``num_images ≤ max``, and examples that the model accepts. Likewise the bearer
+scheme (``service.api.auth``) stays only on the operations that enforce it with these settings: none without
+API keys, ``/metrics`` only with ``DDPM_METRICS_AUTH=true``.
 """
 
 from __future__ import annotations
@@ -63,6 +65,22 @@ def _patch(doc: dict[str, Any], big_t: int, shape: tuple[int, int, int], max_ima
                 param["example"] = ts_example
 
 
+def _drop_unenforced_auth(doc: dict[str, Any], keys: bool, metrics_auth: bool) -> None:
+    """Remove ``security`` and the 401 response from operations that, with these settings, need no key."""
+    enforced = False
+    for path, item in doc.get("paths", {}).items():
+        for op in item.values():
+            if not isinstance(op, dict) or "security" not in op:
+                continue
+            if keys and (path != "/metrics" or metrics_auth):
+                enforced = True
+                continue
+            del op["security"]
+            op.get("responses", {}).pop("401", None)
+    if not enforced:
+        doc.get("components", {}).pop("securitySchemes", None)
+
+
 def install_openapi(app: FastAPI) -> None:
     """Replace ``app.openapi`` with a generator that adds the model's limits once the engine is up."""
 
@@ -82,6 +100,7 @@ def install_openapi(app: FastAPI) -> None:
             for name, sub in schema.pop("$defs", {}).items():
                 schemas.setdefault(name, sub)
             schemas.setdefault(model.__name__, schema)
+        _drop_unenforced_auth(doc, bool(app.state.api_keys), app.state.settings.metrics_auth)
         engine = getattr(app.state, "engine", None)
         if engine is None:
             return doc  # model not loaded yet: generic limits, not cached

@@ -5,6 +5,9 @@ see ``/readyz`` turn 503. Here the first SIGTERM (or Ctrl-C) starts a drain inst
 admitting (``/readyz`` → 503 "draining", new generations → 503), requests in flight finish (up to
 ``DDPM_DRAIN_TIMEOUT_S``), and only then does uvicorn stop, so the process exits with status 0.
 A second SIGINT exits at once.
+
+Secure default: with no API keys configured, only a loopback bind starts (``auth.startup_refusal``); anything
+else exits with status 2 and a message naming DDPM_API_KEYS, DDPM_API_KEYS_FILE and the opt-out DDPM_AUTH=none.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from types import FrameType
 import uvicorn
 
 from service.api.app import begin_drain, create_app
+from service.api.auth import is_loopback, startup_refusal
 from service.config import Settings
 from service.logging_setup import configure_logging
 
@@ -61,9 +65,16 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve(settings: Settings | None = None) -> int:
-    """Run the service in this process until SIGTERM/SIGINT; 0 after a clean drain, 1 if the engine failed."""
+    """Run the service in this process until SIGTERM/SIGINT; 0 after a clean drain, 1 if the engine failed,
+    2 if the settings refuse to start (no API keys on a non-loopback bind, unreadable key file)."""
     settings = settings or Settings()
     configure_logging(settings.log_level, settings.log_format)
+    refusal = startup_refusal(settings)
+    if refusal is not None:
+        log.critical("%s", refusal)
+        return 2
+    if not settings.resolved_api_keys() and not is_loopback(settings.host):
+        log.warning("serving on %s without authentication (DDPM_AUTH=none)", settings.host)
     app = create_app(settings)
     config = uvicorn.Config(
         app,

@@ -5,6 +5,8 @@
  *   forward   GET /noise, POST /noise  x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε   (DDPM eq. 4)
  *   reverse   POST /denoise-step       x_{t−1} = μ̃_t(x_t, x̂_0) + σ_t z          (DDPM eqs. 6, 7, 15)
  * Errors (422 validation, 429 queue full, 503 not ready, …) are shown in the panel that caused them.
+ * API keys: every call sends `Authorization: Bearer <key>` once one is known; a 401 opens the key prompt.
+ * The key lives in sessionStorage only (this tab, until it closes), never in localStorage or the URL.
  */
 "use strict";
 
@@ -25,6 +27,7 @@ async function describeError(res) {
     const after = res.headers.get("Retry-After");
     return `429 server busy: the queue is full${after ? `, retry in ${after} s` : ""}. ${detail}`.trim();
   }
+  if (res.status === 401) return `401 unauthorized: ${detail}`;
   if (res.status === 422) return `422 invalid input: ${detail}`;
   if (res.status === 503) return `503 not ready: ${detail}`;
   return `${res.status} ${detail}`.trim();
@@ -49,12 +52,52 @@ function showError(el, message) {
   el.hidden = !message;
 }
 
-/** fetch that throws an Error carrying the readable message when the status is not 2xx. */
+/* ------------------------------------------------------------- API key */
+
+const KEY_ITEM = "ddpm-api-key";
+
+function apiKey() {
+  try {
+    return sessionStorage.getItem(KEY_ITEM);
+  } catch {
+    return null; // storage disabled: the prompt comes back after each 401
+  }
+}
+
+function withKey(headers = {}) {
+  const key = apiKey();
+  return key ? { ...headers, Authorization: `Bearer ${key}` } : headers;
+}
+
+/** The server said 401: show the key prompt, with the server's message when a key was sent (a wrong one). */
+function askForKey(message) {
+  $("auth").hidden = false;
+  showError($("auth-error"), apiKey() ? message : "");
+  if (!$("auth-key").value) $("auth-key").focus();
+}
+
+function useKey(ev) {
+  ev.preventDefault();
+  const key = $("auth-key").value.trim();
+  if (!key) return;
+  try {
+    sessionStorage.setItem(KEY_ITEM, key);
+  } catch {
+    /* not stored: the request below still fails with 401 and the prompt stays */
+  }
+  $("auth-key").value = "";
+  $("auth").hidden = true;
+  showError($("auth-error"), "");
+  loadModelInfo().then(showNoise); // what the first 401 left empty
+}
+
+/** fetch with the API key that throws an Error carrying the readable message when the status is not 2xx. */
 async function request(url, options = {}) {
-  const res = await fetch(url, options);
+  const res = await fetch(url, { ...options, headers: withKey(options.headers) });
   if (!res.ok) {
     const err = new Error(await describeError(res));
     err.status = res.status;
+    if (res.status === 401) askForKey(err.message);
     throw err;
   }
   return res;
@@ -554,6 +597,7 @@ function debounce(fn, ms) {
 }
 
 async function main() {
+  $("auth-form").addEventListener("submit", useKey);
   await loadModelInfo();
   $("gen-form").addEventListener("submit", generate);
   $("gen-cancel").addEventListener("click", () => genAbort?.abort());

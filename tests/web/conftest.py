@@ -57,3 +57,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     if rep.when == "call":
         item.rep_call = rep  # type: ignore[attr-defined]
     return rep
+
+
+WEB_API_KEY = "web-test-key-0123456789"
+
+
+@pytest.fixture(scope="session")
+def web_auth_server(web_model_dir: Path) -> Iterator[str]:
+    """Base URL of a server that needs ``Authorization: Bearer WEB_API_KEY`` (DDPM_API_KEYS)."""
+    with running_server(web_model_dir, api_keys=WEB_API_KEY) as url:
+        yield url

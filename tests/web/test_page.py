@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.web.cdp import Page
-from tests.web.conftest import QUEUE_ROWS
+from tests.web.cdp import Browser, Page
+from tests.web.conftest import QUEUE_ROWS, WEB_API_KEY
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -291,3 +291,44 @@ def test_cancel_stops_the_request_on_the_server(page: Page) -> None:
     while evicted() < before + 2:  # the server dropped both rows of the abandoned request
         assert time.monotonic() < deadline, "closing the stream did not cancel the request"
         time.sleep(0.05)
+
+
+def test_api_key_prompt_after_401_then_generates(browser: Browser, web_auth_server: str, tmp_path: Path) -> None:
+    """A server with DDPM_API_KEYS: the first 401 opens the key prompt; a wrong key shows the 401; the right
+    one (kept in sessionStorage) loads the model info and the generation stream."""
+    p = browser.new_page()
+    try:
+        p.send("Emulation.setDeviceMetricsOverride",
+               {"width": 1200, "height": 1600, "deviceScaleFactor": 1, "mobile": False})
+        p.goto(f"{web_auth_server}/", ready="document.body && document.body.dataset.ready === 'true'")
+        p.wait_for("!document.getElementById('auth').hidden")
+        assert visible(p, "#auth-key")
+        assert text(p, "#model-info").startswith("model info unavailable: 401")
+        assert p.eval("document.getElementById('auth-error').hidden") is True  # no key sent yet: no complaint
+
+        set_value(p, "#auth-key", "wrong-key")
+        click(p, "#auth-use")
+        message = p.wait_for("!document.getElementById('auth').hidden && "
+                             "!document.getElementById('auth-error').hidden && "
+                             "document.getElementById('auth-error').textContent")
+        assert message.startswith("401") and "invalid API key" in message
+
+        set_value(p, "#auth-key", WEB_API_KEY)
+        click(p, "#auth-use")
+        p.wait_for("document.getElementById('model-info').textContent.includes('T = 1000')")
+        assert p.eval("document.getElementById('auth').hidden") is True
+        assert p.eval(f"sessionStorage.getItem('ddpm-api-key') === {json.dumps(WEB_API_KEY)}")
+        assert p.eval("localStorage.length") == 0
+        p.wait_for("document.getElementById('fwd-image').dataset.t === '0'")  # GET /noise with the key
+
+        set_value(p, "#gen-num", 2)
+        set_value(p, "#gen-sampler", "ddim", "change")
+        set_value(p, "#gen-steps", 3)
+        click(p, "#gen-run")
+        p.wait_for("document.querySelectorAll('#gen-results img').length === 2", timeout_s=30)
+        assert p.eval("document.getElementById('gen-error').hidden") is True
+    except BaseException:
+        p.screenshot(tmp_path / "failure.png")
+        raise
+    finally:
+        browser.send("Target.closeTarget", {"targetId": p.target_id})

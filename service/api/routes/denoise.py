@@ -13,6 +13,7 @@ import secrets
 import torch
 from fastapi import APIRouter
 
+from service.api.auth import AUTH_RESPONSES, RequireApiKey
 from service.api.deps import EngineDep, SettingsDep
 from service.api.encoding import InputError, b64_npy, b64_png, decode_b64, decode_image, decode_npy
 from service.api.errors import error_responses, invalid
@@ -23,7 +24,7 @@ from service.diffusion.schedule import NoiseSchedule
 
 __all__ = ["generation_noise", "router"]
 
-router = APIRouter(tags=["denoise"])
+router = APIRouter(tags=["denoise"], dependencies=[RequireApiKey], responses=AUTH_RESPONSES)
 
 
 def generation_noise(seed: int, draw: int, shape: tuple[int, ...]) -> torch.Tensor:

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
+from service.api.auth import AUTH_RESPONSES, RequireApiKey
 from service.api.deps import ClientDisconnected, EngineDep, SettingsDep, await_unless_disconnected, submit
 from service.api.encoding import b64_png
 from service.api.errors import CLIENT_CLOSED_REQUEST, engine_error_status, error_body, error_responses, invalid
@@ -21,7 +22,7 @@ from service.imaging import grid, npy_bytes, png_bytes
 
 __all__ = ["generation_request", "result_payload", "router"]
 
-router = APIRouter(tags=["generate"])
+router = APIRouter(tags=["generate"], dependencies=[RequireApiKey], responses=AUTH_RESPONSES)
 
 _SEED_HEADER = {"X-Seed": {"description": "the seed used (reproduces the images)", "schema": {"type": "integer"}}}
 _GENERATE_200 = {

@@ -6,6 +6,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.api.auth import AUTH_RESPONSES, RequireApiKey, RequireMetricsKey
 from service.api.errors import error_responses
 from service.api.schemas import HealthResponse, ModelResponse, ScheduleInfo
 from service.diffusion.samplers import SAMPLERS
@@ -37,7 +38,13 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse({"status": status}, status_code=503)
 
 
-@router.get("/v1/model", summary="The served model", response_model=ModelResponse, responses=error_responses(503))
+@router.get(
+    "/v1/model",
+    summary="The served model",
+    response_model=ModelResponse,
+    responses={**AUTH_RESPONSES, **error_responses(503)},
+    dependencies=[RequireApiKey],
+)
 async def model(request: Request) -> ModelResponse:
     """Name, sha256 of the weights, image shape, T, noise schedule, variance type, device, dtype, samplers."""
     engine: EngineClient | None = getattr(request.app.state, "engine", None)
@@ -77,9 +84,11 @@ async def model(request: Request) -> ModelResponse:
     response_class=Response,
     responses={200: {
         "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}
-    }},
+    }, **AUTH_RESPONSES},
+    dependencies=[RequireMetricsKey],
 )
 async def metrics(request: Request) -> Response:
     """Engine metrics (queue depth, active rows, batch fill, step time, time to first step, request latency,
-    evictions, outcomes) and HTTP metrics (requests and latency by route template, method and status)."""
+    evictions, outcomes) and HTTP metrics (requests and latency by route template, method and status).
+    Open unless `DDPM_METRICS_AUTH=true` (then it needs an API key like the other routes)."""
     return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)

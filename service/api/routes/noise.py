@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 import torch
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 
+from service.api.auth import AUTH_RESPONSES, RequireApiKey
 from service.api.deps import EngineDep, SettingsDep
 from service.api.encoding import (
     IMAGE_MEDIA_TYPES,
@@ -30,7 +31,7 @@ from service.imaging import grid, npy_bytes, png_bytes
 
 __all__ = ["DEFAULT_T", "MAX_TS", "load_examples", "router"]
 
-router = APIRouter(tags=["noise"])
+router = APIRouter(tags=["noise"], dependencies=[RequireApiKey], responses=AUTH_RESPONSES)
 
 MAX_TS = 64
 DEFAULT_T = 300  # when neither t nor ts is given (T-1 if the model has fewer steps)
