@@ -30,6 +30,13 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line (log shippers)")
     drain_timeout_s: float = Field(60.0, gt=0, description="SIGTERM: how long in-flight requests may run")
+    max_connections: int = Field(
+        1000, ge=1, description="open connections + running requests past which uvicorn answers 503 (limit_concurrency)"
+    )
+    keep_alive_s: int = Field(5, ge=1, description="idle keep-alive connections are closed after this many seconds")
+    forwarded_allow_ips: str = Field(
+        "127.0.0.1", description="proxies whose X-Forwarded-For sets the client address (comma list, or *)"
+    )
     # authentication (service/api/auth.py); keys are secrets: SecretStr keeps them out of repr and logs
     api_keys: SecretStr | None = Field(None, description="comma-separated API keys; when set, Bearer auth is on")
     api_keys_file: Path | None = Field(None, description="file of API keys, one per line (# comments, blanks ignored)")
@@ -38,6 +45,9 @@ class Settings(BaseSettings):
     # engine
     max_batch_rows: int = Field(64, ge=1, description="rows (images) per UNet forward")
     max_queue_rows: int = Field(512, ge=1, description="rows admitted (queued + running); beyond → 429")
+    max_rows_per_client: int = Field(
+        0, ge=0, description="one client's queued + running rows; beyond → 429 (0 = half the queue, >= one batch)"
+    )
     request_timeout_s: float = Field(300.0, gt=0, description="deadline per request; past it → 504")
     batching: Literal["step", "request"] = Field("step", description="step-level continuous or per-request")
     threads: int = Field(0, ge=0, description="torch intra-op threads (0 = torch default)")

@@ -20,7 +20,8 @@ ddpm_time_to_first_step_seconds               histogram  submission → the requ
 ddpm_request_duration_seconds{sampler}        histogram  submission → images ready (successful requests)
 ddpm_images_generated_total                   counter    images of successful requests
 ddpm_requests_total{outcome}                  counter    ok | rejected | cancelled | timeout | error
-ddpm_rows_evicted_total{reason}               counter    rows dropped unfinished: cancelled | timeout
+ddpm_rows_evicted_total{reason}               counter    rows dropped unfinished: cancelled | timeout | error
+ddpm_rejected_requests_total{reason}          counter    turned away: queue_full | client_quota | unauthorized
 ddpm_engine_iterations_total                  counter    iterations that ran a UNet forward over rows
 ddpm_ready                                    gauge      1 while the engine admits work
 ddpm_model_info{name,sha256,device,dtype}     info       the served model (value 1)
@@ -41,6 +42,7 @@ __all__ = [
     "BATCH_ROWS_BUCKETS",
     "HTTP_DURATION_BUCKETS",
     "OUTCOMES",
+    "REJECTION_REASONS",
     "REQUEST_DURATION_BUCKETS",
     "STEP_DURATION_BUCKETS",
     "TIME_TO_FIRST_STEP_BUCKETS",
@@ -49,7 +51,8 @@ __all__ = [
 ]
 
 OUTCOMES = ("ok", "rejected", "cancelled", "timeout", "error")
-EVICTION_REASONS = ("cancelled", "timeout")
+EVICTION_REASONS = ("cancelled", "timeout", "error")
+REJECTION_REASONS = ("queue_full", "client_quota", "unauthorized")  # no per-client labels: keys are secrets
 
 # Rows per forward: powers of two up to twice the default max_batch_rows.
 BATCH_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 256)
@@ -103,6 +106,9 @@ class EngineMetrics:
         self.rows_evicted = Counter(
             "ddpm_rows_evicted", "Rows dropped before finishing, by reason", ["reason"], registry=r
         )
+        self.rejections = Counter(
+            "ddpm_rejected_requests", "Requests turned away before queueing, by reason", ["reason"], registry=r
+        )
         self.iterations = Counter(
             "ddpm_engine_iterations", "Engine iterations that ran a UNet forward over rows", registry=r
         )
@@ -113,6 +119,8 @@ class EngineMetrics:
             self.requests.labels(outcome=outcome)
         for reason in EVICTION_REASONS:
             self.rows_evicted.labels(reason=reason)
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(reason=reason)
         for sampler in SAMPLER_NAMES:
             self.request_duration.labels(sampler=sampler)
 

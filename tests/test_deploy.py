@@ -209,6 +209,22 @@ def test_nginx_balances_replicas_with_least_conn(compose: dict) -> None:
     assert conf.count("{") == conf.count("}")
 
 
+def test_nginx_shields_the_service_from_slow_clients(compose: dict) -> None:
+    """uvicorn has no header/body timeouts: nginx must have them, reuse upstream connections for less time than
+    the service keeps them, and pass the real client address (fair share per address without API keys)."""
+    conf = (DOCKER / "nginx.conf").read_text()
+    for directive in ("client_header_timeout", "client_body_timeout", "client_max_body_size"):
+        assert re.search(rf"^\s*{directive} \S+;", conf, re.M), directive
+    upstream = re.search(r"upstream ddpm \{(.*?)\}", conf, re.S)
+    assert upstream
+    reuse = re.search(r"keepalive_timeout (\d+)s;", upstream[1])
+    service_keep_alive = int(compose["x-ddpm-env"]["DDPM_KEEP_ALIVE_S"])
+    assert reuse and int(reuse[1]) < service_keep_alive
+    body_limit = re.search(r"client_max_body_size (\d+)m;", conf)
+    assert body_limit and int(body_limit[1]) * 2**20 >= Settings().max_upload_bytes
+    assert conf.count("X-Forwarded-For $remote_addr;") == conf.count("proxy_pass ")
+
+
 # --------------------------------------------------------------------------------------- Docker
 
 

@@ -29,7 +29,7 @@ from service.api.routes import denoise, generate, health, noise
 from service.config import Settings
 from service.metrics import EngineMetrics, HttpMetrics
 
-__all__ = ["WEB_DIR", "begin_drain", "create_app"]
+__all__ = ["WEB_DIR", "begin_drain", "create_app", "mark_failed"]
 
 log = logging.getLogger("service.api")
 
@@ -51,8 +51,9 @@ with `WWW-Authenticate: Bearer`. `/healthz`, `/readyz` and the web page stay ope
 
 **Errors** are JSON `{"detail": "...", "request_id": "..."}`; 422 adds `errors` (one entry per field). 422: invalid
 field, base64, `.npy`, shape, dtype, NaN/Inf; 413: body over `DDPM_MAX_UPLOAD_BYTES`; 415: media
-type; 400: undecodable image; 429 + `Retry-After`: queue full; 503: not ready or draining; 504:
-deadline passed; 401: API key missing or wrong. A client that disconnects cancels its request.
+type; 400: undecodable image; 429 + `Retry-After`: queue full, or this client's share of it (fair share per API key,
+or per address without keys); 500: the engine failed on the request; 503: not ready, draining, or the engine died;
+504: deadline passed; 401: API key missing or wrong. A client that disconnects cancels its request.
 """
 
 TAGS = [
@@ -86,11 +87,19 @@ class _WebFiles:
 async def _start_engine(app: FastAPI, model: object, settings: Settings, threads: int) -> None:
     from service.engine.batcher import Engine, EngineSettings
 
-    engine = Engine(
+    loop = asyncio.get_running_loop()
+
+    def worker_died(exc: BaseException) -> None:  # on the worker thread, after it failed every request
+        with contextlib.suppress(RuntimeError):  # the loop is already closed
+            loop.call_soon_threadsafe(mark_failed, app)
+
+    factory = app.state.engine_factory or Engine  # tests wrap it to inject faults
+    engine = factory(
         model,  # type: ignore[arg-type]
         EngineSettings(
             max_batch_rows=settings.max_batch_rows,
             max_queue_rows=max(settings.max_queue_rows, settings.max_batch_rows),
+            max_rows_per_client=settings.max_rows_per_client,
             request_timeout_s=settings.request_timeout_s,
             batching=settings.batching,
             dtype=settings.dtype,
@@ -98,11 +107,21 @@ async def _start_engine(app: FastAPI, model: object, settings: Settings, threads
             jit=settings.jit,
         ),
         metrics=app.state.engine_metrics,
+        on_fatal=worker_died,
     )
     await engine.start()  # warm-up forwards on the worker thread
     app.state.engine = engine
     log.info("ready: model %s (sha256 %s) on %s, %s", engine.model_info.name, engine.model_info.sha256[:12],
              engine.model_info.device, engine.model_info.dtype)
+
+
+def mark_failed(app: FastAPI) -> None:
+    """The engine cannot serve (failed to start, or its worker died): health probes say 503, and the server's
+    ``on_fatal`` (``serve``) stops the process with status 1."""
+    app.state.fatal = True
+    on_fatal = getattr(app.state, "on_fatal", None)
+    if on_fatal is not None:
+        on_fatal()
 
 
 async def begin_drain(app: FastAPI) -> None:
@@ -137,9 +156,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     def _started(task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
             log.error("engine failed to start: %r", task.exception())
-            on_fatal = getattr(app.state, "on_fatal", None)
-            if on_fatal is not None:
-                on_fatal()
+            mark_failed(app)
 
     app.state.starting = asyncio.create_task(_start_engine(app, model, settings, threads))
     app.state.starting.add_done_callback(_started)
@@ -166,6 +183,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine_metrics = EngineMetrics(registry)
     app.state.engine = None
     app.state.draining = False
+    app.state.fatal = False
+    app.state.engine_factory = None  # None: service.engine.batcher.Engine
     app.state.examples = {}
     app.state.max_images = min(settings.max_images_per_request, settings.max_batch_rows)
     install_error_handlers(app)

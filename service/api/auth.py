@@ -82,15 +82,20 @@ class ApiKeys:
         return found
 
 
+def _unauthorized(request: Request, detail: str) -> HTTPException:
+    request.app.state.engine_metrics.rejections.labels(reason="unauthorized").inc()
+    return HTTPException(401, detail, headers=_CHALLENGE)
+
+
 def _check(request: Request, credentials: HTTPAuthorizationCredentials | None) -> None:
     keys: ApiKeys = request.app.state.api_keys
     if not keys:
         return
     if credentials is None or not credentials.credentials:
-        raise HTTPException(401, "API key required: send Authorization: Bearer <key>", headers=_CHALLENGE)
+        raise _unauthorized(request, "API key required: send Authorization: Bearer <key>")
     key_id = keys.match(credentials.credentials)
     if key_id is None:
-        raise HTTPException(401, "invalid API key", headers=_CHALLENGE)
+        raise _unauthorized(request, "invalid API key")
     request.state.client_key_id = key_id
 
 

@@ -8,8 +8,10 @@ invalid field / array / base64 / NaN     422     readable ``detail`` + per-field
 body over ``DDPM_MAX_UPLOAD_BYTES``      413
 unsupported ``Content-Type``             415
 undecodable or oversized image           400     pixel limit checked before decoding
-queue full                               429     ``Retry-After`` header (seconds)
-engine not ready / draining              503     ``Retry-After`` header
+queue full, or the client's share full   429     ``Retry-After`` header (seconds)
+API key missing or wrong                 401     ``WWW-Authenticate: Bearer``
+engine failed (forward raised, NaN/Inf)  500     detail names the request id
+engine not ready / draining / died       503     ``Retry-After`` header
 deadline passed                          504
 =======================================  ======  =============================================
 """
@@ -54,8 +56,9 @@ _DESCRIPTIONS = {
     413: "Request body larger than DDPM_MAX_UPLOAD_BYTES",
     415: "Unsupported media type",
     422: "Invalid input (readable message in `detail`, one entry per field in `errors`)",
-    429: "Queue full; retry after the `Retry-After` seconds",
-    503: "Model not loaded/warm yet, or draining for shutdown",
+    429: "Queue full, or this client's share of it (DDPM_MAX_ROWS_PER_CLIENT); retry after `Retry-After` seconds",
+    500: "The engine failed on this request (the UNet forward raised or returned NaN/Inf)",
+    503: "Model not loaded/warm yet, draining for shutdown, or the engine failed",
     504: "Request deadline (DDPM_REQUEST_TIMEOUT_S) passed",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}

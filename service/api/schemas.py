@@ -225,4 +225,4 @@ class ModelResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    status: Literal["ok", "ready", "not ready", "draining"]
+    status: Literal["ok", "ready", "not ready", "draining", "failed"]

@@ -4,12 +4,17 @@ A request becomes ``num_images`` rows (:class:`~service.diffusion.rows.RowGroup`
 thread owns the model and loops; each iteration it
 
 1. drops the rows of cancelled and expired requests (queued or running),
-2. admits queued requests, oldest first, while their rows fit in ``max_batch_rows`` (strict FIFO, so a
-   large request at the head is never starved by smaller ones behind it),
+2. admits queued requests while their rows fit in ``max_batch_rows``, round-robin over clients and oldest first
+   within one (:mod:`service.engine.admission`: the bounded queue and each client's share of it),
 3. runs ONE UNet forward over all running rows — each at its own t, of its own sampler and step count —
    and the per-row sampler updates (:func:`~service.diffusion.rows.batched_step`),
 4. posts progress events and retires finished requests, resolving their futures on the submitting event
    loop with ``loop.call_soon_threadsafe``.
+
+Faults fail fast. A forward that raises, or returns NaN/Inf, fails the requests of that iteration (``error``
+outcome, ``EngineError`` naming each request id) and the loop goes on with later requests. If the worker thread
+itself dies, every queued and running request fails at once with ``EngineNotReadyError``, the engine stops
+admitting (``ready`` false) and ``on_fatal`` is called, so the server can exit for its supervisor to restart it.
 
 ``batching="request"`` is the request-level baseline: requests are admitted only when the running batch
 is empty, so a request that arrives just after a batch started waits for the whole batch's loop.
@@ -42,7 +47,7 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -53,7 +58,9 @@ from service.diffusion.checkpoint import DiffusionModel
 from service.diffusion.pipeline import default_steps, prepare_unet
 from service.diffusion.rows import RowGroup, batched_step
 from service.diffusion.samplers import SAMPLERS, get_sampler
+from service.engine.admission import FairQueue
 from service.engine.client import (
+    ClientQuotaError,
     EngineError,
     EngineNotReadyError,
     GenerationRequest,
@@ -87,6 +94,7 @@ def claim_threads_for_worker(requested: int = 0) -> int:
 class EngineSettings:
     max_batch_rows: int = 64  # rows per UNet forward; also the largest num_images of one request
     max_queue_rows: int = 512  # bound on queued + running rows; beyond it submit raises QueueFullError
+    max_rows_per_client: int = 0  # one client's queued + running rows (0 = half the queue, >= one full batch)
     request_timeout_s: float = 300.0  # default deadline, from submission
     batching: Literal["step", "request"] = "step"  # "request" = baseline request-level batching
     dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast; channels_last)
@@ -106,6 +114,10 @@ class EngineSettings:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.threads < 0:
             raise ValueError("threads must be >= 0")
+        if self.max_rows_per_client < 0:
+            raise ValueError("max_rows_per_client must be >= 0")
+        if self.max_rows_per_client == 0:
+            self.max_rows_per_client = max(self.max_queue_rows // 2, self.max_batch_rows)
 
 
 @dataclass(eq=False)
@@ -116,6 +128,10 @@ class _Entry:
     @property
     def rows(self) -> int:
         return self.handle.request.num_images
+
+    @property
+    def client(self) -> str | None:
+        return self.handle.request.client
 
     def remaining_steps(self) -> int:
         return self.group.remaining if self.group is not None else self.handle.request.steps
@@ -131,10 +147,25 @@ class _Job:
     future: asyncio.Future = field(repr=False)
 
 
-class Engine:
-    """Step-level continuous batching over one model (implements ``client.EngineClient``)."""
+class NonFiniteOutputError(EngineError):
+    """The UNet returned NaN or Inf."""
 
-    def __init__(self, model: DiffusionModel, settings: EngineSettings, metrics: EngineMetrics | None = None) -> None:
+
+class Engine:
+    """Step-level continuous batching over one model (implements ``client.EngineClient``).
+
+    ``runner`` replaces the UNet forward (default :class:`UNetRunner`; tests wrap it to inject faults);
+    ``on_fatal`` is called from the worker thread if the worker dies.
+    """
+
+    def __init__(
+        self,
+        model: DiffusionModel,
+        settings: EngineSettings,
+        metrics: EngineMetrics | None = None,
+        runner: UNetRunner | None = None,
+        on_fatal: Callable[[BaseException], None] | None = None,
+    ) -> None:
         self.model = model
         self.settings = settings
         # Without an explicit EngineMetrics the engine keeps its metrics on a private registry (not exported).
@@ -142,7 +173,8 @@ class Engine:
         self._dtype = DTYPES[settings.dtype]
         self._device = next(model.unet.parameters()).device
         self._threads = settings.threads or torch.get_num_threads()
-        self._forward = UNetRunner(model, self._dtype, settings.jit)
+        self._forward = runner if runner is not None else UNetRunner(model, self._dtype, settings.jit)
+        self._on_fatal = on_fatal
         spec = model.spec
         self._info = ModelInfo(
             name=spec.name,
@@ -163,14 +195,14 @@ class Engine:
         self.metrics.set_model(spec.name, model.sha256, str(self._device), settings.dtype)
         self.metrics.ready.set(0)
         self._cond = threading.Condition()  # guards everything below that both threads touch
-        self._pending: deque[_Entry] = deque()
+        self._queue: FairQueue[_Entry] = FairQueue(settings.max_queue_rows, settings.max_rows_per_client)
         self._active: list[_Entry] = []
         self._jobs: list[_Job] = []
-        self._queued_rows = 0
         self._active_rows = 0
         self._accepting = False
         self._stop = False  # finish what was accepted, then exit
         self._abort = False  # exit at the next iteration, failing what is left
+        self._died: BaseException | None = None  # what killed the worker thread
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._step_seconds = 0.0  # moving average of one iteration, for retry-after estimates
@@ -231,6 +263,11 @@ class Engine:
         with self._cond:
             return self._accepting
 
+    @property
+    def failed(self) -> bool:
+        """True once the worker thread died (the engine will not serve again)."""
+        return self._died is not None
+
     def submit(self, request: GenerationRequest) -> Handle:
         """Queue a request; QueueFullError at once when its rows do not fit, EngineNotReadyError if not running."""
         self._validate(request)
@@ -239,20 +276,26 @@ class Engine:
         with self._cond:
             if not self._accepting:
                 raise EngineNotReadyError("the engine is not accepting requests (starting, draining or stopped)")
-            if self._queued_rows + self._active_rows + n > self.settings.max_queue_rows:
-                retry = self._retry_after_locked(n)
+            refusal = self._queue.refusal(request.client, n)
+            if refusal is not None:
                 self._counts["rejected"] += 1
                 self.metrics.requests.labels(outcome="rejected").inc()
+                self.metrics.rejections.labels(reason=refusal).inc()
+                if refusal == "client_quota":
+                    raise ClientQuotaError(
+                        f"client quota: this client has {self._queue.client_rows(request.client)} rows queued or "
+                        f"running, {n} more exceed max_rows_per_client={self.settings.max_rows_per_client}",
+                        self._retry_after_locked(n, request.client),
+                    )
                 raise QueueFullError(
-                    f"queue full: {self._queued_rows} queued + {self._active_rows} running rows, "
+                    f"queue full: {self._queue.queued_rows} queued + {self._active_rows} running rows, "
                     f"{n} more exceed max_queue_rows={self.settings.max_queue_rows}",
-                    retry,
+                    self._retry_after_locked(n),
                 )
             now = time.monotonic()
             timeout = request.timeout_s if request.timeout_s is not None else self.settings.request_timeout_s
             handle = Handle(request, loop, now, now + timeout, self._wake)
-            self._pending.append(_Entry(handle))
-            self._queued_rows += n
+            self._queue.push(_Entry(handle))
             self._set_gauges_locked()
             self._cond.notify_all()
         return handle
@@ -292,13 +335,15 @@ class Engine:
             c = self._counts
             return {
                 "ready": float(self._accepting),
-                "queued_requests": float(len(self._pending)),
-                "queued_rows": float(self._queued_rows),
+                "failed": float(self._died is not None),
+                "queued_requests": float(len(self._queue)),
+                "queued_rows": float(self._queue.queued_rows),
                 "active_requests": float(len(self._active)),
                 "active_rows": float(self._active_rows),
                 "sampler_state_bytes": float(sum(e.group.state_bytes for e in self._active if e.group is not None)),
                 "max_batch_rows": float(self.settings.max_batch_rows),
                 "max_queue_rows": float(self.settings.max_queue_rows),
+                "max_rows_per_client": float(self.settings.max_rows_per_client),
                 "threads": float(self._threads),
                 "iterations": float(c["iterations"]),
                 "evicted_rows": float(c["evicted_rows"]),
@@ -339,24 +384,30 @@ class Engine:
             self._cond.notify_all()
 
     def _set_gauges_locked(self) -> None:
-        self.metrics.queue_depth_requests.set(len(self._pending))
-        self.metrics.queue_depth_rows.set(self._queued_rows)
+        self.metrics.queue_depth_requests.set(len(self._queue))
+        self.metrics.queue_depth_rows.set(self._queue.queued_rows)
         self.metrics.active_rows.set(self._active_rows)
 
-    def _retry_after_locked(self, need: int) -> float:
-        """Seconds until ``need`` more rows are likely to fit, from the measured iteration time and the backlog.
+    def _retry_after_locked(self, need: int, client: str | None = None) -> float:
+        """Seconds until ``need`` more rows (of ``client``, against its quota, when given) are likely to fit,
+        from the measured iteration time and the backlog.
 
         Running requests advance one step per iteration, so they leave in order of remaining steps; if
         they cannot free enough rows, fall back to the whole backlog (row-steps) at full batches.
         """
         step = max(self._step_seconds, 1e-3)
-        overflow = self._queued_rows + self._active_rows + need - self.settings.max_queue_rows
+        if client is None:
+            overflow = self._queue.total_rows + need - self.settings.max_queue_rows
+            active = self._active
+        else:
+            overflow = self._queue.client_rows(client) + need - self.settings.max_rows_per_client
+            active = [e for e in self._active if e.client == client]
         freed = 0
-        for remaining, rows in sorted((e.remaining_steps(), e.rows) for e in self._active):
+        for remaining, rows in sorted((e.remaining_steps(), e.rows) for e in active):
             freed += rows
             if freed >= overflow:
                 return max(remaining * step, step)
-        backlog = sum(e.rows * e.remaining_steps() for e in (*self._active, *self._pending))
+        backlog = sum(e.rows * e.remaining_steps() for e in (*self._active, *self._queue))
         return max(backlog / self.settings.max_batch_rows * step, step)
 
     # ------------------------------------------------------------------------------ worker thread
@@ -371,16 +422,21 @@ class Engine:
         try:
             while True:
                 with self._cond:
-                    while not (self._pending or self._active or self._jobs or self._stop):
+                    while not (self._queue or self._active or self._jobs or self._stop):
                         self._cond.wait()
-                    if self._abort or (self._stop and not (self._pending or self._active or self._jobs)):
+                    if self._abort or (self._stop and not (self._queue or self._active or self._jobs)):
                         break
                     jobs, self._jobs = self._jobs, []
                 for job in jobs:
                     self._run_job(job)
                 self._iterate()
+        except BaseException as exc:  # a bug or a fatal error: nothing will serve these requests any more
+            log.critical("engine worker died: %r", exc, exc_info=exc)
+            self._died = exc
         finally:
             self._shutdown()
+        if self._died is not None and self._on_fatal is not None:
+            self._on_fatal(self._died)
 
     def _warm_up(self) -> None:
         """Trace (``jit``), then forwards at one row and at a full batch (allocators, oneDNN primitives).
@@ -398,9 +454,16 @@ class Engine:
             self._forward(x, t)
             self._step_seconds = time.perf_counter() - start
 
+    def _checked_forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """ε_θ(x, t), or NonFiniteOutputError when any value is NaN/Inf (it would only spread through the rows)."""
+        eps = self._forward(x, t)
+        if not bool(torch.isfinite(eps).all()):
+            raise NonFiniteOutputError("the UNet returned non-finite values (NaN or Inf)")
+        return eps
+
     def _run_job(self, job: _Job) -> None:
         try:
-            eps = self._forward(job.x.to(self._device), job.t.to(self._device)).cpu()
+            eps = self._checked_forward(job.x.to(self._device), job.t.to(self._device)).cpu()
         except Exception as exc:  # a bad job must not kill the worker
             log.exception("predict_eps failed")
             error: BaseException = EngineError(f"UNet forward failed: {exc}")
@@ -409,7 +472,7 @@ class Engine:
         post([(job.loop, lambda: job.future.done() or job.future.set_result(eps))])
 
     def _finish(self, entry: _Entry, outcome: str, calls: list, error: BaseException | None = None) -> None:
-        """Resolve a request (worker thread, with the lock held or the entry already unlinked)."""
+        """Resolve a request that left the queue and the running batch (worker thread, lock held)."""
         h = entry.handle
         if h.finished:
             return
@@ -438,42 +501,50 @@ class Engine:
             assert error is not None
             calls.append(h.callbacks_for_error(error))
 
+    def _retire_locked(self, entries: list[_Entry]) -> None:
+        """Take running requests out of the batch; their rows no longer count against the queue or their client."""
+        if not entries:
+            return
+        gone = set(map(id, entries))
+        self._active = [e for e in self._active if id(e) not in gone]
+        for e in entries:
+            self._active_rows -= e.rows
+            self._queue.release(e)
+
     def _evict_locked(self, now: float, calls: list) -> None:
         """Drop cancelled and expired requests, queued or running; their rows are counted as evicted."""
-        for running in (False, True):
-            entries = self._active if running else self._pending
-            keep = []
-            for e in entries:
-                h = e.handle
-                if h.cancel_requested:
-                    reason, error = "cancelled", RequestCancelledError(f"request {h.id} was cancelled")
-                elif now >= h.deadline:
-                    reason = "timeout"
-                    error = RequestTimeoutError(f"request {h.id} passed its deadline of {now - h.submitted_at:.1f} s")
-                else:
-                    keep.append(e)
-                    continue
-                if running:
-                    self._active_rows -= e.rows
-                else:
-                    self._queued_rows -= e.rows
-                self._counts["evicted_rows"] += e.rows
-                self.metrics.rows_evicted.labels(reason=reason).inc(e.rows)
-                self._finish(e, reason, calls, error)
-            if running:
-                self._active[:] = keep
-            else:
-                self._pending = deque(keep)
+
+        def failure(e: _Entry) -> tuple[str, EngineError] | None:
+            h = e.handle
+            if h.cancel_requested:
+                return "cancelled", RequestCancelledError(f"request {h.id} was cancelled")
+            if now >= h.deadline:
+                waited = now - h.submitted_at
+                return "timeout", RequestTimeoutError(f"request {h.id} passed its deadline of {waited:.1f} s")
+            return None
+
+        verdicts: dict[int, tuple[str, EngineError]] = {}
+
+        def drop(e: _Entry) -> bool:
+            verdict = failure(e)  # once per entry: a cancel may arrive from another thread meanwhile
+            if verdict is not None:
+                verdicts[id(e)] = verdict
+            return verdict is not None
+
+        running = [e for e in self._active if drop(e)]
+        self._retire_locked(running)
+        for e in (*running, *self._queue.remove_queued(drop)):
+            reason, error = verdicts[id(e)]
+            self._counts["evicted_rows"] += e.rows
+            self.metrics.rows_evicted.labels(reason=reason).inc(e.rows)
+            self._finish(e, reason, calls, error)
 
     def _admit_locked(self) -> list[_Entry]:
-        """Move queued requests into the running batch, oldest first, while their rows fit."""
+        """Move queued requests into the running batch while their rows fit (round-robin over clients)."""
         admitted: list[_Entry] = []
         if self.settings.batching == "request" and self._active:
             return admitted
-        limit = self.settings.max_batch_rows
-        while self._pending and self._active_rows + self._pending[0].rows <= limit:
-            e = self._pending.popleft()
-            self._queued_rows -= e.rows
+        while (e := self._queue.pop_fitting(self.settings.max_batch_rows - self._active_rows)) is not None:
             self._active_rows += e.rows
             self._active.append(e)
             admitted.append(e)
@@ -496,16 +567,11 @@ class Engine:
                     e.group = RowGroup.start(self.model, r.num_images, r.seed, r.sampler, r.steps, r.eta,
                                              r.timestep_spacing, self._device)
                     e.handle.admitted_at = now
-                batched_step(self.model, [e.group for e in running if e.group is not None], self._dtype, self._forward)
+                groups = [e.group for e in running if e.group is not None]
+                batched_step(self.model, groups, self._dtype, self._checked_forward)
                 seconds = time.perf_counter() - r0
         except Exception as exc:  # fail this batch's requests, keep the worker alive
-            log.exception("engine iteration failed")
-            with self._cond:
-                for e in running:
-                    self._finish(e, "error", calls, EngineError(f"UNet forward failed: {exc}"))
-                self._active = [e for e in self._active if e not in running]
-                self._active_rows = sum(e.rows for e in self._active)
-                self._set_gauges_locked()
+            self._fail_batch(running, exc, calls)
             post(calls)
             return
         if not running:
@@ -531,26 +597,43 @@ class Engine:
         with self._cond:
             self._counts["iterations"] += 1
             self._step_seconds = 0.8 * self._step_seconds + 0.2 * seconds if self._step_seconds else seconds
+            self._retire_locked(finished)
             for e in finished:
                 self._finish(e, "ok", calls)
-            if finished:
-                self._active = [e for e in self._active if e not in finished]
-                self._active_rows -= sum(e.rows for e in finished)
             self._set_gauges_locked()
         post(calls)
 
+    def _fail_batch(self, running: list[_Entry], exc: Exception, calls: list) -> None:
+        """An iteration raised: fail the requests whose rows were in it (one log line each, with its id)."""
+        log.error("engine iteration over %d requests failed", len(running), exc_info=exc)
+        what = str(exc) if isinstance(exc, NonFiniteOutputError) else f"UNet forward failed: {exc!r}"
+        with self._cond:
+            self._retire_locked(running)
+            for e in running:
+                log.error("request failed: %s", what, extra={"request_id": e.handle.id})
+                self._finish(e, "error", calls, EngineError(f"request {e.handle.id}: {what}"))
+            self._set_gauges_locked()
+
     def _shutdown(self) -> None:
-        """Fail whatever is left when the worker exits (drain timeout or a crash)."""
+        """Fail whatever is left when the worker exits: 504 after a drain timeout, 503 when the worker died."""
         calls: list = []
-        stopped = EngineNotReadyError("the engine stopped")
+        died = self._died
+        stopped = EngineNotReadyError(f"the engine worker died: {died!r}" if died else "the engine stopped")
         with self._cond:
             self._accepting = False
-            for e in (*self._active, *self._pending):
+            self._stop = True
+            left = [*self._active, *self._queue.clear()]
+            self._retire_locked(self._active)
+            for e in left:
                 self._counts["evicted_rows"] += e.rows
-                self.metrics.rows_evicted.labels(reason="timeout").inc(e.rows)
-                self._finish(e, "timeout", calls, RequestTimeoutError(f"request {e.handle.id}: the engine was drained"))
-            self._active, self._pending = [], deque()
-            self._active_rows = self._queued_rows = 0
+                if died is not None:
+                    self.metrics.rows_evicted.labels(reason="error").inc(e.rows)
+                    error: EngineError = EngineNotReadyError(f"request {e.handle.id}: {stopped}")
+                    self._finish(e, "error", calls, error)
+                else:
+                    self.metrics.rows_evicted.labels(reason="timeout").inc(e.rows)
+                    error = RequestTimeoutError(f"request {e.handle.id}: the engine was drained")
+                    self._finish(e, "timeout", calls, error)
             for job in self._jobs:
                 calls.append((job.loop, lambda job=job: job.future.done() or job.future.set_exception(stopped)))
             self._jobs = []

@@ -16,6 +16,7 @@ from service.diffusion.samplers import Spacing
 from service.diffusion.schedule import NoiseSchedule, VarianceType
 
 __all__ = [
+    "ClientQuotaError",
     "EngineClient",
     "EngineError",
     "EngineNotReadyError",
@@ -37,9 +38,17 @@ class EngineError(RuntimeError):
 class QueueFullError(EngineError):
     """The bounded queue has no room for the request's rows; retry after ``retry_after_s`` seconds."""
 
+    reason = "queue_full"  # the ddpm_rejected_requests_total label
+
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class ClientQuotaError(QueueFullError):
+    """The request's client already has ``max_rows_per_client`` rows queued or running; others are still admitted."""
+
+    reason = "client_quota"
 
 
 class EngineNotReadyError(EngineError):
@@ -64,6 +73,8 @@ class GenerationRequest:
     timestep_spacing: Spacing | None = None  # None = the model's default for the sampler
     timeout_s: float | None = None  # deadline relative to submission; None = engine default
     preview_every: int = 0  # emit a predicted-x_0 preview every k steps (0 = progress only)
+    client: str | None = None  # whose share of the queue it uses (engine/admission.py); None = in-process caller
+    request_id: str | None = None  # the caller's id for logs and error messages (HTTP: X-Request-ID)
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ class Handle:
         deadline: float,
         wake: Callable[[], None],
     ) -> None:
-        self.id = f"req-{next(_ids)}"
+        self.id = request.request_id or f"req-{next(_ids)}"
         self.seed = request.seed
         self.request = request
         self.submitted_at = submitted_at  # time.monotonic() at submission

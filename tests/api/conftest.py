@@ -48,9 +48,9 @@ def make_model(folder: Path, timesteps: int = 1000, size: int = SIZE, examples: 
 
 
 class Server:
-    """``python -m service serve`` in a subprocess; ``client`` talks to it."""
+    """``python -m service serve`` (or ``argv``) in a subprocess; ``client`` talks to it."""
 
-    def __init__(self, model: Path, tmp: Path, wait: bool = True, **env: str) -> None:
+    def __init__(self, model: Path, tmp: Path, wait: bool = True, argv: list[str] | None = None, **env: str) -> None:
         self.model_dir = Path(model)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -67,7 +67,8 @@ class Server:
         }
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve"], cwd=REPO, env=full_env, stdout=self._log, stderr=self._log
+            argv or [sys.executable, "-m", "service", "serve"], cwd=REPO, env=full_env, stdout=self._log,
+            stderr=self._log,
         )
         self.client = httpx.Client(base_url=self.url, timeout=60)
         if wait:

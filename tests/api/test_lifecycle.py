@@ -69,7 +69,8 @@ def test_readyz_503_until_warm(model_t1000: Path, tmp_path: Path) -> None:
 def test_overload_gets_only_200_and_429(model_t1000: Path, tmp_path: Path) -> None:
     """A burst of 10× the queue capacity: 200s and 429s (with Retry-After) only, bounded RSS, normal service after."""
     capacity = 8
-    server = Server(model_t1000, tmp_path, DDPM_MAX_BATCH_ROWS="4", DDPM_MAX_QUEUE_ROWS=str(capacity))
+    server = Server(model_t1000, tmp_path, DDPM_MAX_BATCH_ROWS="4", DDPM_MAX_QUEUE_ROWS=str(capacity),
+                    DDPM_MAX_ROWS_PER_CLIENT=str(capacity))  # one client: the queue's bound, not the fair share
     try:
         body = {"sampler": "ddim", "steps": 20, "num_images": 1, "format": "png"}
 

@@ -13,14 +13,14 @@ from service.api.auth import AUTH_RESPONSES, RequireApiKey
 from service.api.deps import ClientDisconnected, EngineDep, SettingsDep, await_unless_disconnected, submit
 from service.api.encoding import b64_png
 from service.api.errors import CLIENT_CLOSED_REQUEST, engine_error_status, error_body, error_responses, invalid
-from service.api.middleware import log_fields
+from service.api.middleware import log_fields, request_id
 from service.api.schemas import GenerateRequest, GenerateResponse, ProgressData, StreamErrorData
 from service.config import Settings
 from service.diffusion.samplers import get_sampler
 from service.engine.client import EngineClient, EngineError, GenerationRequest, GenerationResult, ProgressEvent
 from service.imaging import grid, npy_bytes, png_bytes
 
-__all__ = ["generation_request", "result_payload", "router"]
+__all__ = ["client_id", "generation_request", "result_payload", "router"]
 
 router = APIRouter(tags=["generate"], dependencies=[RequireApiKey], responses=AUTH_RESPONSES)
 
@@ -57,11 +57,19 @@ _STREAM_200 = {
         }
     },
 }
-_ERRORS = error_responses(422, 429, 503, 504)
+_ERRORS = error_responses(422, 429, 500, 503, 504)
+
+
+def client_id(request: Request) -> str:
+    """Whose share of the queue a request uses: its API key's fingerprint, else the remote address."""
+    key_id = getattr(request.state, "client_key_id", None)
+    if key_id is not None:
+        return f"key:{key_id}"
+    return f"addr:{request.client.host if request.client else 'unknown'}"
 
 
 def generation_request(
-    body: GenerateRequest, engine: EngineClient, settings: Settings, previews: bool = False
+    body: GenerateRequest, engine: EngineClient, settings: Settings, request: Request, previews: bool = False
 ) -> GenerationRequest:
     """Validate the body against the model and settings (422 with a readable message) and fill defaults.
 
@@ -95,6 +103,8 @@ def generation_request(
         timestep_spacing=spacing,
         timeout_s=settings.request_timeout_s,
         preview_every=every,
+        client=client_id(request),
+        request_id=request_id(request.scope),
     )
 
 
@@ -129,7 +139,7 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, s
     disconnects cancels its request.
     """
     log_fields(request.scope, sampler=body.sampler, images=body.num_images)
-    greq = generation_request(body, engine, settings)
+    greq = generation_request(body, engine, settings, request)
     handle = submit(engine, greq)
     try:
         result = await await_unless_disconnected(request, handle.result())
@@ -172,12 +182,13 @@ async def generate_stream(
 ) -> StreamingResponse:
     """Same body as `POST /generate` (`format` is ignored: the result event always carries base64 PNGs).
 
-    Errors found before sampling starts (422, 429, 503) are plain HTTP errors; later ones (504) arrive
-    as an `error` event. Previews come every `DDPM_PREVIEW_EVERY` steps (default: about 10 per request).
-    Closing the connection cancels the request.
+    Errors found before sampling starts (422, 429, 503) are plain HTTP errors; later ones arrive as an `error`
+    event with their status (500: the engine failed, 503: its worker died, 504: the deadline passed). Previews
+    come every `DDPM_PREVIEW_EVERY` steps (default: about 10 per request). Closing the connection cancels the
+    request.
     """
     log_fields(request.scope, sampler=body.sampler, images=body.num_images)
-    greq = generation_request(body, engine, settings, previews=True)
+    greq = generation_request(body, engine, settings, request, previews=True)
     handle = submit(engine, greq)
 
     async def events() -> AsyncIterator[bytes]:

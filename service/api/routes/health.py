@@ -17,10 +17,23 @@ __all__ = ["router"]
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz", summary="Liveness", response_model=HealthResponse)
-async def healthz() -> HealthResponse:
-    """200 while the process serves HTTP (also while the model loads and while draining)."""
-    return HealthResponse(status="ok")
+def _failed(request: Request) -> bool:
+    """The engine failed to start or its worker died: the process is about to exit (server.py)."""
+    return bool(getattr(request.app.state, "fatal", False))
+
+
+@router.get(
+    "/healthz",
+    summary="Liveness",
+    response_model=HealthResponse,
+    responses={503: {"model": HealthResponse, "description": "the engine failed; the process is exiting"}},
+)
+async def healthz(request: Request) -> JSONResponse:
+    """200 while the process serves HTTP (also while the model loads and while draining); 503 once the engine
+    failed (its worker died), in the second before the process exits."""
+    if _failed(request):
+        return JSONResponse({"status": "failed"}, status_code=503)
+    return JSONResponse({"status": "ok"})
 
 
 @router.get(
@@ -30,11 +43,15 @@ async def healthz() -> HealthResponse:
     responses={503: {"model": HealthResponse, "description": "model not loaded/warm yet, or draining"}},
 )
 async def readyz(request: Request) -> JSONResponse:
-    """200 once the model is loaded and warm and the engine admits work; 503 before that and while draining."""
+    """200 once the model is loaded and warm and the engine admits work; 503 before that, while draining and
+    once the engine failed."""
     engine: EngineClient | None = getattr(request.app.state, "engine", None)
     if engine is not None and engine.ready:
         return JSONResponse({"status": "ready"})
-    status = "draining" if getattr(request.app.state, "draining", False) else "not ready"
+    if _failed(request):
+        status = "failed"
+    else:
+        status = "draining" if getattr(request.app.state, "draining", False) else "not ready"
     return JSONResponse({"status": status}, status_code=503)
 
 
