@@ -14,6 +14,9 @@ engine failed (forward raised, NaN/Inf)  500     detail names the request id
 engine not ready / draining / died       503     ``Retry-After`` header
 deadline passed                          504
 =======================================  ======  =============================================
+
+Under ``/v2`` (the Open Inference Protocol, ``service.api.routes.oip``) the same failures answer in that protocol's
+form, ``{"error": str}``, and invalid input is 400 instead of 422.
 """
 
 from __future__ import annotations
@@ -112,6 +115,19 @@ def to_http_exception(exc: EngineError) -> HTTPException:
     return HTTPException(status, detail, headers=headers or None)
 
 
+def _is_oip(request: Request) -> bool:
+    path: str = request.scope.get("path", "")
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def _error(request: Request, status: int, detail: str, headers: dict[str, str] | None = None,
+           **extra: Any) -> JSONResponse:
+    """The error response: ``error_body``, or under ``/v2`` the Open Inference Protocol's ``{"error"}`` (422 → 400)."""
+    if _is_oip(request):
+        return JSONResponse({"error": detail}, status_code=400 if status == 422 else status, headers=headers)
+    return JSONResponse(error_body(request, detail, **extra), status_code=status, headers=headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error body is ``{"detail": str, "request_id": str}``; validation errors add ``errors`` without echoing
     inputs."""
@@ -122,20 +138,20 @@ def install_error_handlers(app: FastAPI) -> None:
             {"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
             for e in exc.errors()
         ]
-        return JSONResponse(error_body(request, _summary(exc.errors()), errors=errors), status_code=422)
+        return _error(request, 422, _summary(exc.errors()), errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         if exc.status_code == 400 and detail == _FASTAPI_BODY_ERROR:  # undecodable bytes where JSON was expected
-            return JSONResponse(error_body(request, "request body is not valid JSON (UTF-8)"), status_code=422)
-        return JSONResponse(error_body(request, detail), status_code=exc.status_code, headers=exc.headers)
+            return _error(request, 422, "request body is not valid JSON (UTF-8)")
+        return _error(request, exc.status_code, detail, exc.headers)
 
     @app.exception_handler(InputError)
     async def _input(request: Request, exc: InputError) -> JSONResponse:
-        return JSONResponse(error_body(request, str(exc)), status_code=422)
+        return _error(request, 422, str(exc))
 
     @app.exception_handler(EngineError)
     async def _engine(request: Request, exc: EngineError) -> JSONResponse:
         status, detail, headers = engine_error_status(exc)
-        return JSONResponse(error_body(request, detail), status_code=status, headers=headers)
+        return _error(request, status, detail, headers)
