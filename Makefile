@@ -4,7 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test test-fast lint bench clean
+MODEL ?= model_store/mnist
+COMPILED := $(MODEL)/compiled/unet-cpu-float32.pt2
+
+.PHONY: serve compile test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -12,8 +15,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
-serve: $(STAMP)  ## serve the bundled default model on http://localhost:8000
+serve: $(STAMP) $(COMPILED)  ## serve the bundled default model on http://localhost:8000
 	$(PY) -m service serve
+
+# The AOT-compiled UNet for this machine (once, ~1-2 min; needs a C++ compiler). If it cannot be built the server
+# runs the eager UNet, so a failure here does not stop `make serve`.
+$(COMPILED): $(STAMP) $(MODEL)/model.safetensors
+	-$(PY) -m service compile --model $(MODEL) --max-batch-rows 64
+
+compile: $(STAMP)  ## (re)build the compiled UNet, e.g. after changing machines
+	$(PY) -m service compile --model $(MODEL) --max-batch-rows 64
 
 test: $(STAMP)  ## the whole test suite
 	$(PY) -m pytest

@@ -10,7 +10,8 @@ For each precision the same ``--images`` images go through, ``--batch`` rows per
   ``DDPMPipeline`` loop (``unet(x, t).sample`` → ``scheduler.step``) for DDPM-1000, under
   ``torch.autocast`` for bf16;
 * the engine (``max_batch_rows`` = ``--batch``): requests of ``--batch`` rows (so one UNet forward of that
-  many rows per step), eager (``jit=False``) and traced + frozen (``jit=True``).
+  many rows per step), eager (``compiled="off"``) and, when the model has a valid compiled UNet for the
+  precision (``python -m service compile``), the AOTInductor artifact (``compiled="auto"``, the default).
 
 One configuration runs at a time, each on its own thread with ``--threads`` torch threads (diffusers on a
 fresh thread, the engine on its worker, started for the measurement and drained after it), while the main
@@ -142,10 +143,10 @@ def on_own_thread(fn: Callable[[], R], threads: int) -> R:
 
 
 @contextlib.asynccontextmanager
-async def running_engine(model: DiffusionModel, dtype: str, jit: bool, batch: int, images: int, threads: int):
+async def running_engine(model: DiffusionModel, dtype: str, compiled: str, batch: int, images: int, threads: int):
     """A started engine for one measurement (``batch`` rows per forward, room for ``images`` rows), drained after it."""
     engine = Engine(model, EngineSettings(max_batch_rows=batch, max_queue_rows=max(images, batch), dtype=dtype,
-                                          threads=threads, jit=jit))
+                                          threads=threads, compiled=compiled))  # type: ignore[arg-type]
     await engine.start()
     try:
         yield engine
@@ -180,6 +181,15 @@ async def engine_ddim_seconds(engine: Engine, images: int, batch: int, steps: in
     return time.perf_counter() - start
 
 
+def has_compiled(model: DiffusionModel, dtype: str, batch: int) -> bool:
+    """Whether the model folder holds a compiled UNet valid here for ``dtype`` and ``batch`` rows."""
+    from service.diffusion.runner import UNetRunner
+
+    runner = UNetRunner(model, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype])
+    runner.prepare(batch)
+    return runner.compiled
+
+
 async def measure(args: argparse.Namespace) -> list[dict]:
     """DDIM-S once per configuration, then DDPM-1000 step times in interleaved rounds (median).
 
@@ -192,12 +202,16 @@ async def measure(args: argparse.Namespace) -> list[dict]:
         model = load_model(args.model)  # one per precision: the engines make its UNet channels_last for bf16
         configs.append({"impl": "diffusers", "dtype": name, "ddpm": DiffusersDDPM(model, dtype, args.batch),
                         "torch_dtype": dtype, "model": model})
-        for label, jit in (("engine", False), ("engine jit", True)):
-            configs.append({"impl": label, "dtype": name, "jit": jit, "model": model})
+        configs.append({"impl": "engine", "dtype": name, "compiled": "off", "model": model})
+        if has_compiled(model, ENGINE_DTYPES[name], args.batch):
+            configs.append({"impl": "engine compiled", "dtype": name, "compiled": "auto", "model": model})
+        else:
+            print(f"no valid compiled UNet for {name} at {args.batch} rows: skipping 'engine compiled' "
+                  f"(python -m service compile --model {args.model} --dtype {ENGINE_DTYPES[name]})", flush=True)
 
     async def engine_run(c: dict, measurement):
         dtype = ENGINE_DTYPES[c["dtype"]]
-        async with running_engine(c["model"], dtype, c["jit"], args.batch, args.images, args.threads) as engine:
+        async with running_engine(c["model"], dtype, c["compiled"], args.batch, args.images, args.threads) as engine:
             return await measurement(engine)
 
     for c in configs:
@@ -228,11 +242,11 @@ async def measure(args: argparse.Namespace) -> list[dict]:
 def forward_scaling(args: argparse.Namespace) -> None:
     """Milliseconds per engine forward (bf16, eager) against rows per forward: where batching stops paying."""
     from service.diffusion.pipeline import prepare_unet
-    from service.engine.runner import UNetRunner
+    from service.diffusion.runner import UNetRunner
 
     model = load_model(args.model)
     prepare_unet(model, torch.bfloat16)
-    runner = UNetRunner(model, torch.bfloat16, jit=False)
+    runner = UNetRunner(model, torch.bfloat16, compiled="off")
     runner.prepare(max(args.scaling))
     s = model.spec
     times: dict[int, list[float]] = {b: [] for b in args.scaling}
@@ -259,7 +273,7 @@ def forward_profile(args: argparse.Namespace) -> None:
     from torch.profiler import profile
 
     from service.diffusion.pipeline import prepare_unet
-    from service.engine.runner import UNetRunner
+    from service.diffusion.runner import UNetRunner
 
     model = load_model(args.model)
     s = model.spec
@@ -268,7 +282,7 @@ def forward_profile(args: argparse.Namespace) -> None:
     t = torch.randint(0, s.num_train_timesteps, (args.batch,), generator=gen)
     diffusers = diffusers_unet(model, torch.float32)
     prepare_unet(model, torch.bfloat16)
-    engine_bf16 = UNetRunner(model, torch.bfloat16, jit=False)
+    engine_bf16 = UNetRunner(model, torch.bfloat16, compiled="off")
     variants = {"diffusers fp32": lambda: diffusers(x, t).sample, "engine bf16": lambda: engine_bf16(x, t)}
     print(f"| forward of {args.batch} rows | ms | convolutions ms | other ops ms | top other ops (ms) |")
     print("|---|---|---|---|---|")

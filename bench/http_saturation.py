@@ -109,7 +109,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
         "DDPM_MAX_QUEUE_ROWS": str(max(512, args.clients)),
         "DDPM_REQUEST_TIMEOUT_S": "3600",
         "DDPM_THREADS": str(args.threads),
-        "DDPM_JIT": "1" if args.jit else "0",
+        "DDPM_COMPILED": args.compiled,
         "DDPM_LOG_LEVEL": "warning",
     }
     proc = subprocess.Popen([sys.executable, "-m", "service", "serve"], cwd=REPO, env=env)
@@ -133,7 +133,7 @@ async def run(args: argparse.Namespace) -> dict:
     model = load_model(args.model, device)
     settings = EngineSettings(
         max_batch_rows=args.max_batch_rows, max_queue_rows=max(512, args.clients), request_timeout_s=3600,
-        dtype=args.dtype, threads=args.threads, jit=args.jit,
+        dtype=args.dtype, threads=args.threads, compiled=args.compiled,
     )
     proc, url = start_server(args)
     results: dict[str, list[float]] = {"offline": [], "http": []}
@@ -173,7 +173,7 @@ async def run(args: argparse.Namespace) -> dict:
         "model": args.model, "device": device, "dtype": args.dtype, "clients": args.clients,
         "requests_per_round": args.requests, "rounds": args.rounds, "sampler": f"ddim-{args.steps}",
         "max_batch_rows": args.max_batch_rows,
-        "threads": args.threads, "jit": args.jit,
+        "threads": args.threads, "compiled": args.compiled,
         "offline_images_per_s": round(off, 3), "http_images_per_s": round(web, 3), "ratio": round(web / off, 4),
         "median_round_ratio": round(per_round[len(per_round) // 2] if len(per_round) % 2 else
                                     (per_round[len(per_round) // 2 - 1] + per_round[len(per_round) // 2]) / 2, 4),
@@ -200,7 +200,8 @@ def main() -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--jit", action="store_true", help="traced + frozen UNet (EngineSettings.jit) on both paths")
+    p.add_argument("--compiled", choices=["auto", "off"], default="auto",
+                   help="the model's compiled UNet when valid (EngineSettings.compiled), on both paths")
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args()
     args.threads = claim_threads_for_worker(args.threads)  # as the server does (service/api/app.py)

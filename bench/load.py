@@ -67,7 +67,7 @@ def percentile(values: list[float], q: float) -> float:
 def settings(args: argparse.Namespace, batching: str) -> EngineSettings:
     return EngineSettings(max_batch_rows=args.max_batch_rows, max_queue_rows=args.max_queue_rows,
                           request_timeout_s=args.timeout, batching=batching, dtype=args.dtype,  # type: ignore[arg-type]
-                          threads=args.threads, jit=args.jit)
+                          threads=args.threads, compiled=args.compiled)
 
 
 async def measure_capacity(model: DiffusionModel, args: argparse.Namespace) -> float:
@@ -175,7 +175,7 @@ def main() -> None:
     p.add_argument("--max-queue-rows", type=int, default=4096)
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--jit", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--compiled", choices=["auto", "off"], default="auto")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--calibration-work", type=int, default=3000, help="image-steps in each capacity burst")
     p.add_argument("--calibration-rounds", type=int, default=3, help="capacity bursts (median taken)")

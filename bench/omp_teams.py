@@ -48,7 +48,7 @@ def run_scenario(args: argparse.Namespace) -> dict[str, float]:
     sys.path.insert(0, str(REPO))
     from service.diffusion.checkpoint import load_model
     from service.diffusion.pipeline import prepare_unet
-    from service.engine.runner import UNetRunner
+    from service.diffusion.runner import UNetRunner
 
     model = load_model(args.model)
     prepare_unet(model, torch.bfloat16)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m service serve | train | sample | evaluate | import-diffusers``."""
+"""Command line: ``python -m service serve | train | sample | evaluate | compile | import-diffusers``."""
 
 from __future__ import annotations
 
@@ -88,6 +88,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from service.diffusion.checkpoint import load_model
     from service.diffusion.pipeline import prepare_unet, sample
+    from service.diffusion.runner import UNetRunner
     from service.imaging import grid, png_bytes
     from service.progress import Progress
 
@@ -105,10 +106,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     num = args.num or (init.shape[0] if init is not None else 16)
     steps, spacing = _sampler_settings(model, args.sampler, args.steps, args.timestep_spacing)
     batch = args.batch or num
+    forward = UNetRunner(model, dtype, args.compiled)
+    forward.prepare(batch)
     bar = Progress(steps * -(-num // batch), desc=f"{args.sampler}-{steps}")
     try:
         images = sample(model, num, args.seed, args.sampler, steps, args.eta, init, batch, dtype,
-                        progress=bar.update, spacing=spacing)
+                        progress=bar.update, spacing=spacing, forward=forward)
     except ValueError as exc:  # e.g. --init-noise of the wrong shape
         raise SystemExit(f"error: {exc}") from exc
     bar.close()
@@ -139,7 +142,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         report = evaluate(
             args.model, args.sampler, args.steps, args.num, args.eta, args.batch, _dtype(args.dtype), args.seed,
             args.reference, args.reference_labels, args.classifier, args.train, args.train_labels,
-            _device(args.device), progress, spacing=args.timestep_spacing,
+            _device(args.device), progress, spacing=args.timestep_spacing, compiled=args.compiled,
         )
     except ValueError as exc:  # a step count or spacing the sampler cannot run, a model the classifier cannot score
         raise SystemExit(f"error: {exc}") from exc
@@ -159,6 +162,33 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     fit_and_save(args.data, args.labels, args.out, args.test_data, args.test_labels, args.holdout, args.split_seed,
                  args.epochs, args.seed)
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from service.diffusion.checkpoint import load_model
+    from service.diffusion.compiled import compile_unet
+    from service.diffusion.runner import UNetRunner
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.model, _device(args.device))
+    dtype = _dtype(args.dtype)
+    start = time.perf_counter()
+    package = compile_unet(model, Path(args.out or args.model), dtype, args.max_batch_rows)
+    print(f"compiled {args.model} ({args.dtype}, 1..{args.max_batch_rows} rows) in {time.perf_counter() - start:.0f} s"
+          f" -> {package}")
+    runner = UNetRunner(model, dtype)
+    if args.out is None:  # check what the server will load
+        runner.prepare(args.max_batch_rows)
+        if not runner.compiled:
+            print("error: the compiled UNet does not load or disagrees with eager (see the log above)")
+            return 1
+        print("checked against the eager UNet: OK")
     return 0
 
 
@@ -251,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
     s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--compiled", choices=["auto", "off"], default="auto", help="auto: the model's compiled UNet")
     s.add_argument("--out", required=True, help="FILE.npy (float32 (N,C,H,W) in [-1,1]) or FILE.png (grid)")
     s.set_defaults(func=cmd_sample)
 
@@ -281,7 +312,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--train-labels", default=None)
     e.add_argument("--classifier", default=None, help="default: MODEL/classifier.safetensors")
     e.add_argument("--json", default=None, help="also write the report as JSON here")
+    e.add_argument("--compiled", choices=["auto", "off"], default="auto", help="auto: the model's compiled UNet")
     e.set_defaults(func=cmd_evaluate)
+
+    k = sub.add_parser("compile", help="AOT-compile the model's UNet for this machine (needs a C++ compiler)")
+    k.add_argument("--model", default="model_store/mnist")
+    k.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    k.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    k.add_argument("--max-batch-rows", type=int, default=64, help="largest batch served (DDPM_MAX_BATCH_ROWS)")
+    k.add_argument("--threads", type=int, default=0)
+    k.add_argument("--out", default=None, help="model folder to write compiled/ into (default: --model)")
+    k.set_defaults(func=cmd_compile)
 
     c = sub.add_parser("train-classifier", help="train the evaluator's digit classifier on the training split")
     c.add_argument("--data", required=True, help="digit images (MNIST IDX .gz/raw, folder or .npz), 28x28")

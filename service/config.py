@@ -51,7 +51,10 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(300.0, gt=0, description="deadline per request; past it → 504")
     batching: Literal["step", "request"] = Field("step", description="step-level continuous or per-request")
     threads: int = Field(0, ge=0, description="torch intra-op threads (0 = torch default)")
-    jit: bool = Field(False, description="trace + freeze the UNet at start (faster on CPU, not bit-equal to eager)")
+    cuda_graphs: bool = Field(True, description="CUDA: replay the UNet from CUDA graphs (one per batch-size bucket)")
+    compiled: Literal["auto", "off"] = Field(
+        "auto", description="auto: the model's compiled UNet (python -m service compile) when valid; off: eager"
+    )
     # requests
     max_images_per_request: int = Field(16, ge=1, description="upper bound of num_images")
     max_upload_bytes: int = Field(5 * 1024 * 1024, ge=1, description="request bodies above this → 413")

@@ -51,3 +51,25 @@ def tiny_model_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_model(tiny_model_dir: Path) -> DiffusionModel:
     return load_model(tiny_model_dir)
+
+
+COMPILED_ROWS = 16  # the batch bound the shared compiled artifact is built for
+
+
+@pytest.fixture(scope="session")
+def compiled_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 16×16 tiny model with a float32 AOTInductor artifact built by ``python -m service compile`` (≈1 min:
+    built once per session, by the CLI itself, so the command is tested too)."""
+    import subprocess
+    import sys
+
+    torch.manual_seed(1)
+    spec = ModelSpec(name="tiny-compiled", unet=tiny_unet_config(16))
+    folder = save_model(spec, UNet(spec.unet), tmp_path_factory.mktemp("compiled") / "tiny")
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "compile", "--model", str(folder), "--max-batch-rows", str(COMPILED_ROWS),
+         "--threads", "1"], cwd=REPO, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "checked against the eager UNet: OK" in done.stdout, done.stdout
+    return folder

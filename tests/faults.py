@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from service.diffusion.checkpoint import DiffusionModel
+from service.diffusion.runner import UNetRunner
 from service.engine.batcher import DTYPES, Engine, EngineSettings
-from service.engine.runner import UNetRunner
 
 __all__ = ["FaultyRunner", "WorkerKilled", "faulty_engine_factory"]
 
@@ -29,24 +29,24 @@ class FaultyRunner(UNetRunner):
     def __init__(self, model: DiffusionModel, dtype: torch.dtype, flag_file: Path | None = None) -> None:
         super().__init__(model, dtype)
         self.flag_file = flag_file
-        self._mode = ""
+        self._fault = ""
         self.calls = 0
 
     def arm(self, mode: str) -> None:
-        self._mode = mode
+        self._fault = mode
 
     @property
-    def mode(self) -> str:
+    def fault(self) -> str:
         if self.flag_file is not None:
             try:
                 return self.flag_file.read_text().strip()
             except FileNotFoundError:
                 return ""
-        return self._mode
+        return self._fault
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.calls += 1
-        mode = self.mode
+        mode = self.fault
         if mode == "raise":
             raise RuntimeError("injected forward failure")
         if mode == "nan":

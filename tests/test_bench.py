@@ -41,7 +41,7 @@ def test_offline_bench_compares_engine_and_diffusers(tiny_model_dir: Path, tmp_p
               "--ddim-steps", "3", "--ddpm-steps", "2", "--rounds", "2", "--threads", "1", "--json", str(out))
     rows = json.loads(out.read_text())
     got = {(r["impl"], r["dtype"]) for r in rows}
-    assert got == {(impl, dtype) for impl in ("diffusers", "engine", "engine jit") for dtype in ("fp32", "bf16")}
+    assert got == {(impl, dtype) for impl in ("diffusers", "engine") for dtype in ("fp32", "bf16")}  # none compiled
     for r in rows:
         assert r["ddim_images_per_s"] > 0 and r["ddpm_images_per_s"] > 0 and len(r["ddpm_step_s_rounds"]) == 2
 

@@ -25,7 +25,7 @@ from service.api.auth import ApiKeys
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodyLimitMiddleware, HttpMetricsMiddleware, RequestIdMiddleware, json_error
 from service.api.openapi import install_openapi
-from service.api.routes import denoise, generate, health, noise
+from service.api.routes import denoise, generate, health, noise, oip
 from service.config import Settings
 from service.metrics import EngineMetrics, HttpMetrics
 
@@ -104,7 +104,8 @@ async def _start_engine(app: FastAPI, model: object, settings: Settings, threads
             batching=settings.batching,
             dtype=settings.dtype,
             threads=threads,
-            jit=settings.jit,
+            compiled=settings.compiled,
+            cuda_graphs=settings.cuda_graphs,
         ),
         metrics=app.state.engine_metrics,
         on_fatal=worker_died,
@@ -188,11 +189,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.examples = {}
     app.state.max_images = min(settings.max_images_per_request, settings.max_batch_rows)
     install_error_handlers(app)
-    for module in (generate, noise, denoise, health):
+    routers = (generate, noise, denoise, health, oip)
+    for module in routers:
         app.include_router(module.router)
     if WEB_DIR.is_dir():  # the web page, after the API routes so they take precedence
         api_methods: dict[str, set[str]] = {}
-        for route in (r for module in (generate, noise, denoise, health) for r in module.router.routes):
+        for route in (r for module in routers for r in module.router.routes):
             if isinstance(route, APIRoute):
                 api_methods.setdefault(route.path, set()).update(route.methods)
         app.mount("/", _WebFiles(WEB_DIR, api_methods), name="web")

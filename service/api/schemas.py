@@ -215,6 +215,7 @@ class ModelResponse(BaseModel):
     clip_sample: bool
     device: str
     dtype: str
+    compiled: bool = Field(description="the UNet runs the model's AOT-compiled artifact (python -m service compile)")
     samplers: list[str]
     default_steps: dict[str, int]
     max_steps: dict[str, int] = Field(description="the most steps each sampler can run")

@@ -153,6 +153,7 @@ class DiffusionModel:
     unet: UNet
     schedule: NoiseSchedule
     sha256: str
+    folder: Path | None = None  # where it was loaded from (compiled artifacts live in <folder>/compiled)
 
     @property
     def name(self) -> str:
@@ -265,7 +266,9 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Diffus
     else:
         spec, weights = _diffusers_spec(folder, None)
         actual = sha256_file(weights)
-    return _build(spec, load_file(str(weights)), actual, device)
+    model = _build(spec, load_file(str(weights)), actual, device)
+    model.folder = folder
+    return model
 
 
 def import_diffusers(src: str | Path, dst: str | Path, name: str | None = None) -> Path:

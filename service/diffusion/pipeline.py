@@ -44,10 +44,12 @@ def sample(
     device: torch.device | str | None = None,
     progress: Callable[[int], None] | None = None,
     spacing: Spacing | None = None,
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``num`` images (N, C, H, W) float32 in [-1, 1]; ``progress`` is called with each finished step count.
 
-    ``spacing`` defaults to the model's spacing for ``sampler`` (``ModelSpec.default_spacing``).
+    ``spacing`` defaults to the model's spacing for ``sampler`` (``ModelSpec.default_spacing``); ``forward``
+    computes ε_θ (default: the eager UNet in ``dtype``; e.g. a prepared :class:`~service.diffusion.runner.UNetRunner`).
     """
     spec = model.spec
     device = torch.device(device) if device is not None else next(model.unet.parameters()).device
@@ -62,7 +64,7 @@ def sample(
         init = init_noise[start : start + n] if init_noise is not None else None
         group = RowGroup.start(model, n, seed, sampler, steps, eta, spacing, device, init_noise=init, first_row=start)
         while not group.done:
-            batched_step(model, [group], dtype)
+            batched_step(model, [group], dtype, forward)
             if progress is not None:
                 progress(1)
         out.append(group.x.clamp(-1, 1).cpu())

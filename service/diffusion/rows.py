@@ -21,7 +21,7 @@ from service.diffusion.checkpoint import DiffusionModel
 from service.diffusion.samplers import Plan, Rows, Sampler, SamplerOptions, Spacing, get_sampler
 from service.diffusion.schedule import NoiseSchedule
 
-__all__ = ["RowGroup", "batched_step", "make_noise", "predict_eps", "row_generator"]
+__all__ = ["RowGroup", "batched_step", "make_noise", "predict_eps", "row_generator", "to_device"]
 
 
 def row_generator(seed: int, row: int) -> torch.Generator:
@@ -37,10 +37,19 @@ def make_noise(
 ) -> torch.Tensor:
     """Standard normal noise of ``shape`` (B, …), row i drawn from ``generators[i]`` on the CPU.
 
-    Drawing on the CPU keeps a row's noise identical on every device and batch composition.
+    Drawing on the CPU keeps a row's noise identical on every device and batch composition; a GPU gets it
+    through pinned memory without waiting (:func:`to_device`).
     """
     rows = [torch.randn(shape[1:], generator=g) for g in generators]
-    return torch.stack(rows).to(device)
+    return to_device(torch.stack(rows), device)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``tensor`` (on the CPU) on ``device``; to CUDA as an asynchronous copy from pinned memory (no host sync)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def predict_eps(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -149,7 +158,7 @@ def batched_step(
     groups = sorted(groups, key=lambda g: g.sampler.name)  # each sampler's rows contiguous (stable sort)
     # 1. stack rows and their per-row timesteps
     x = torch.cat([g.x for g in groups])  # (B, C, H, W)
-    t = torch.tensor([g.t for g in groups for _ in range(g.rows)], dtype=torch.long, device=device)  # (B,)
+    t = to_device(torch.tensor([g.t for g in groups for _ in range(g.rows)], dtype=torch.long), device)  # (B,)
     # 2. one forward: ε_θ(x_t, t) for all rows at their own t
     eps = forward(x, t) if forward is not None else predict_eps(model.unet, x, t, dtype)
     # 3. per sampler, one vectorised update; z from each row's own generator (zeros where no noise is added)

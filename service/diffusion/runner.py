@@ -1,81 +1,101 @@
-"""The engine's UNet forward ε_θ(x_t, t): eager, or a traced and frozen TorchScript graph.
+"""The UNet forward ε_θ(x, t) that sampling runs: the compiled artifact when one is valid, else the eager UNet.
 
-Tracing and freezing the module (``torch.jit.trace`` + ``torch.jit.freeze``) folds the weights into the
-graph and lets oneDNN fuse convolutions with their bias/activation. It is off by default: on the 2-core
-development machine it made bf16 forwards ~1.5× faster while the UNet's GroupNorm hit ATen's slow
-channels_last CPU kernel, but once the UNet normalises such maps in contiguous layout, eager bf16 is
-faster than the traced graph, and the traced graph gains only 1.1–1.3× in fp32 (docs/benchmarks.md).
-The traced graph is checked against the eager module on a batch of a different
-size at warm-up and thrown away (eager is used) if they disagree, so a UNet with shape-dependent Python
-control flow cannot silently produce wrong images.
+``compiled="auto"`` looks for ``<model folder>/compiled/unet-<device>-<dtype>.pt2`` (:mod:`service.diffusion.compiled`,
+built by ``python -m service compile``). :meth:`UNetRunner.prepare` loads it and checks it against the eager
+forward on batches of 1 and 3 rows (sizes the export never saw as its example) at fixed inputs; it is dropped with a
+log line if the largest difference in ε exceeds the tolerance (float32: 1e-3, reduced precision: 0.1; measured on
+the default model: 2e-6 in float32). Without a valid artifact, or with ``compiled="off"``, the eager UNet runs.
+This replaces the TorchScript trace the engine had (``DDPM_JIT``): AOTInductor's code is 1.5–5× faster than eager
+on the development CPU, and needs no compiler where it is served.
+
+On CUDA (``cuda_graphs=True``) the chosen forward is replayed from CUDA graphs, one per batch-size bucket
+(:mod:`service.diffusion.graphs`), captured in :meth:`UNetRunner.prepare`.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import warnings
-from contextlib import nullcontext
+from typing import Literal
 
 import torch
 
 from service.diffusion.checkpoint import DiffusionModel
+from service.diffusion.compiled import CompiledUNet, load_compiled
+from service.diffusion.graphs import BucketedForward
 from service.diffusion.rows import predict_eps
 
-__all__ = ["UNetRunner"]
+__all__ = ["Compiled", "UNetRunner"]
 
 log = logging.getLogger(__name__)
 
+Compiled = Literal["auto", "off"]
+
 
 class UNetRunner:
-    """ε_θ(x, t) in float32 for (B, C, H, W) inputs at any batch size; ``jit`` builds the traced graph lazily."""
+    """ε_θ(x, t) in float32 for (B, C, H, W) inputs, B up to the ``max_batch_rows`` given to :meth:`prepare`."""
 
-    def __init__(self, model: DiffusionModel, dtype: torch.dtype, jit: bool = False) -> None:
+    def __init__(self, model: DiffusionModel, dtype: torch.dtype, compiled: Compiled = "auto",
+                 cuda_graphs: bool = True) -> None:
         self.model = model
         self.dtype = dtype
-        self.jit = jit
-        self._traced: torch.jit.ScriptModule | None = None
+        self.mode = compiled
+        self.cuda_graphs = cuda_graphs
+        self._compiled: CompiledUNet | None = None
+        self._graphed: BucketedForward | None = None
+        self._max_rows = 0
 
     @property
-    def traced(self) -> bool:
-        return self._traced is not None
+    def compiled(self) -> bool:
+        """Whether the compiled artifact is in use."""
+        return self._compiled is not None
 
-    def _autocast(self, device: torch.device):
-        return torch.autocast(device.type, dtype=self.dtype) if self.dtype != torch.float32 else nullcontext()
+    @property
+    def graphed(self) -> bool:
+        """Whether forwards replay CUDA graphs."""
+        return self._graphed is not None
 
-    def prepare(self, example_rows: int, tolerance: float | None = None) -> None:
-        """Trace at ``example_rows`` rows (when ``jit``) and check against eager at another batch size."""
-        if not self.jit or self._traced is not None:
+    def prepare(self, max_batch_rows: int, tolerance: float | None = None) -> None:
+        """Load the compiled UNet (``compiled="auto"``) and keep it only if it agrees with eager; on CUDA, capture
+        the graphs."""
+        self._load_compiled(max_batch_rows, tolerance)
+        device = next(self.model.unet.parameters()).device
+        if self.cuda_graphs and device.type == "cuda" and self._graphed is None:
+            spec = self.model.spec
+            shape = (spec.channels, spec.image_size, spec.image_size)
+            self._graphed = BucketedForward(self._forward, shape, max_batch_rows, device)
+            self._graphed.capture()
+            self._max_rows = max_batch_rows
+
+    def _load_compiled(self, max_batch_rows: int, tolerance: float | None) -> None:
+        if self.mode == "off" or self._compiled is not None:
+            return
+        fn = load_compiled(self.model, self.model.folder, self.dtype, max_batch_rows)
+        if fn is None:
             return
         spec = self.model.spec
         device = next(self.model.unet.parameters()).device
-        shape = (spec.channels, spec.image_size, spec.image_size)
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn((example_rows, *shape), generator=gen).to(device, memory_format=torch.channels_last)
-        t = torch.randint(0, spec.num_train_timesteps, (example_rows,), generator=gen).to(device)
-        module = copy.deepcopy(self.model.unet).eval().to(memory_format=torch.channels_last)
-        with warnings.catch_warnings():  # TracerWarning / DeprecationWarning of torch.jit: checked below instead
-            warnings.simplefilter("ignore")
-            with torch.inference_mode(), self._autocast(device):
-                traced = torch.jit.freeze(torch.jit.trace(module, (x, t), check_trace=False))
-        # Check: another batch size, other timesteps, against the eager forward in the same precision.
-        rows = 3 if example_rows != 3 else 2
-        xc = torch.randn((rows, *shape), generator=gen).to(device)
-        tc = torch.randint(0, spec.num_train_timesteps, (rows,), generator=gen).to(device)
-        eager = predict_eps(self.model.unet, xc, tc, self.dtype)
-        got = self._run(traced, xc, tc)
-        limit = tolerance if tolerance is not None else (1e-4 if self.dtype == torch.float32 else 0.1)
-        err = (got - eager).abs().max().item()
-        if not err <= limit:
-            log.warning("traced UNet differs from eager by %.3g (limit %.3g); using the eager UNet", err, limit)
-            return
-        self._traced = traced
+        limit = tolerance if tolerance is not None else (1e-3 if self.dtype == torch.float32 else 0.1)
+        for rows in (1, 3):
+            x = torch.randn((rows, spec.channels, spec.image_size, spec.image_size), generator=gen).to(device)
+            t = torch.randint(0, spec.num_train_timesteps, (rows,), generator=gen).to(device)
+            with torch.inference_mode():
+                got = fn(x, t)
+            err = (got.float() - predict_eps(self.model.unet, x, t, self.dtype)).abs().max().item()
+            if not err <= limit:
+                log.warning("compiled UNet differs from eager by %.3g at %d rows (limit %.3g); using the eager UNet",
+                            err, rows, limit)
+                return
+        self._compiled, self._max_rows = fn, max_batch_rows
+        log.info("using the compiled UNet of %s (%s, up to %d rows)", self.model.folder, self.dtype, max_batch_rows)
 
-    def _run(self, traced: torch.jit.ScriptModule, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), self._autocast(x.device):
-            return traced(x.contiguous(memory_format=torch.channels_last), t).float()
+    def _forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self._compiled is not None and x.shape[0] <= self._max_rows:
+            with torch.inference_mode():
+                return self._compiled(x.contiguous(), t.to(x.device))
+        return predict_eps(self.model.unet, x, t, self.dtype)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if self._traced is not None:
-            return self._run(self._traced, x, t)
-        return predict_eps(self.model.unet, x, t, self.dtype)
+        if self._graphed is not None and x.shape[0] <= self._max_rows:
+            return self._graphed(x, t)
+        return self._forward(x, t)

@@ -57,6 +57,7 @@ from prometheus_client import CollectorRegistry
 from service.diffusion.checkpoint import DiffusionModel
 from service.diffusion.pipeline import default_steps, prepare_unet
 from service.diffusion.rows import RowGroup, batched_step
+from service.diffusion.runner import Compiled, UNetRunner
 from service.diffusion.samplers import SAMPLERS, get_sampler
 from service.engine.admission import FairQueue
 from service.engine.client import (
@@ -72,7 +73,6 @@ from service.engine.client import (
     RequestTimeoutError,
 )
 from service.engine.handle import Handle, post
-from service.engine.runner import UNetRunner
 from service.metrics import EngineMetrics
 
 __all__ = ["DTYPES", "Engine", "EngineSettings", "claim_threads_for_worker"]
@@ -99,7 +99,8 @@ class EngineSettings:
     batching: Literal["step", "request"] = "step"  # "request" = baseline request-level batching
     dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast; channels_last)
     threads: int = 0  # torch intra-op threads for the worker (0 = leave torch's default)
-    jit: bool = False  # trace + freeze the UNet (TorchScript) at start; measure first (engine/runner.py)
+    compiled: Compiled = "auto"  # auto: the model's compiled UNet when valid (diffusion/runner.py); off: eager
+    cuda_graphs: bool = True  # on CUDA: replay the forward from CUDA graphs, one per batch-size bucket
 
     def __post_init__(self) -> None:
         if self.max_batch_rows < 1:
@@ -110,6 +111,8 @@ class EngineSettings:
             raise ValueError("request_timeout_s must be > 0")
         if self.batching not in ("step", "request"):
             raise ValueError(f"batching must be 'step' or 'request', got {self.batching!r}")
+        if self.compiled not in ("auto", "off"):
+            raise ValueError(f"compiled must be 'auto' or 'off', got {self.compiled!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.threads < 0:
@@ -173,7 +176,9 @@ class Engine:
         self._dtype = DTYPES[settings.dtype]
         self._device = next(model.unet.parameters()).device
         self._threads = settings.threads or torch.get_num_threads()
-        self._forward = runner if runner is not None else UNetRunner(model, self._dtype, settings.jit)
+        self._forward = runner if runner is not None else UNetRunner(
+            model, self._dtype, settings.compiled, settings.cuda_graphs
+        )
         self._on_fatal = on_fatal
         spec = model.spec
         self._info = ModelInfo(
@@ -336,6 +341,7 @@ class Engine:
             return {
                 "ready": float(self._accepting),
                 "failed": float(self._died is not None),
+                "compiled": float(getattr(self._forward, "compiled", False)),
                 "queued_requests": float(len(self._queue)),
                 "queued_rows": float(self._queue.queued_rows),
                 "active_requests": float(len(self._active)),
@@ -439,7 +445,8 @@ class Engine:
             self._on_fatal(self._died)
 
     def _warm_up(self) -> None:
-        """Trace (``jit``), then forwards at one row and at a full batch (allocators, oneDNN primitives).
+        """Load the compiled UNet if valid, then forwards at one row and at a full batch (allocators, oneDNN
+        primitives).
 
         The full-batch forward seeds the step-time estimate used for retry-after.
         """
@@ -455,9 +462,13 @@ class Engine:
             self._step_seconds = time.perf_counter() - start
 
     def _checked_forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """ε_θ(x, t), or NonFiniteOutputError when any value is NaN/Inf (it would only spread through the rows)."""
+        """ε_θ(x, t), or NonFiniteOutputError when any value is NaN/Inf (it would only spread through the rows).
+
+        On CUDA the check would cost a host sync per step; NaN/Inf stays in x to the end, so there the images are
+        checked once, when they come back (:meth:`_finish`).
+        """
         eps = self._forward(x, t)
-        if not bool(torch.isfinite(eps).all()):
+        if self._device.type != "cuda" and not bool(torch.isfinite(eps).all()):
             raise NonFiniteOutputError("the UNet returned non-finite values (NaN or Inf)")
         return eps
 
@@ -477,14 +488,20 @@ class Engine:
         if h.finished:
             return
         h.finished = True
+        images = None
+        if outcome == "ok":
+            assert entry.group is not None
+            images = entry.group.x.to("cpu", torch.float32)
+            if not bool(torch.isfinite(images).all()):
+                outcome, error = "error", EngineError(f"request {h.id}: the UNet returned non-finite values")
         self._counts[outcome] += 1
         self.metrics.requests.labels(outcome=outcome).inc()
         if outcome == "ok":
-            assert entry.group is not None
+            assert entry.group is not None and images is not None
             now = time.monotonic()
             r = h.request
             result = GenerationResult(
-                images=entry.group.x.clamp(-1.0, 1.0).to("cpu", torch.float32),
+                images=images.clamp(-1.0, 1.0),
                 seed=r.seed,
                 sampler=r.sampler,
                 steps=r.steps,

@@ -85,6 +85,7 @@ async def model(request: Request) -> ModelResponse:
         clip_sample=info.clip_sample,
         device=info.device,
         dtype=info.dtype,
+        compiled=bool(engine.stats().get("compiled", 0.0)),
         samplers=list(SAMPLERS),
         default_steps=info.default_steps,
         max_steps=info.max_steps,
