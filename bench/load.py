@@ -177,6 +177,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--compiled", choices=["auto", "off"], default="auto")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu | cuda")
     p.add_argument("--calibration-work", type=int, default=3000, help="image-steps in each capacity burst")
     p.add_argument("--calibration-rounds", type=int, default=3, help="capacity bursts (median taken)")
     p.add_argument("--capacity", type=float, default=None, help="image-steps/s; skip the measurement")
@@ -184,11 +185,13 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     claim_threads_for_worker(args.threads)  # the engines' workers (one at a time) get them, this thread one
-    model = load_model(args.model)
+    model = load_model(args.model, args.device)
     capacity = args.capacity or asyncio.run(measure_capacity(model, args))
     mean_work = statistics.fmean(args.steps) * statistics.fmean(args.images)
     rate = args.load * capacity / mean_work
     trace = make_trace(rate, args.duration, args.steps, args.images, args.seed)
+    if not trace:
+        raise SystemExit(f"no arrivals in {args.duration} s at {rate:.3g}/s: raise --duration or --load")
     print(json.dumps({"capacity_image_steps_per_s": capacity, "mean_image_steps_per_request": mean_work,
                       "arrival_rate_per_s": rate, "requests": len(trace),
                       "offered_images_per_s": rate * statistics.fmean(args.images)}), flush=True)
