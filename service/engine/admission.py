@@ -10,13 +10,18 @@ submission, counting queued *and* running rows:
 
 Admission into the running batch goes round-robin over the clients with queued requests, one request per turn,
 oldest first within a client, so a client with one small request waits for at most one request of each other
-client, not for another client's hundred. When the request whose turn it is does not fit into the free rows,
-admission stops for this iteration instead of skipping ahead: a large request is never starved by smaller ones
-(with a single client this is the strict FIFO the engine had before).
+client, not for another client's hundred. When the request whose turn it is does not fit into the free rows, it
+keeps its turn, and only *backfilling* may go ahead of it (EASY backfilling, Lifka 1995): another client's oldest
+request is admitted into the free rows if it also finishes before the blocked one could start anyway. Step counts
+are known exactly, so "could start" is exact: the number of iterations until the running requests that finish
+first free enough rows. The blocked request is therefore never delayed, a large request is never starved, and
+small requests of other clients fill the rows it cannot use yet. With a single client this is the strict FIFO the
+engine had before.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from typing import Generic, Literal, Protocol, TypeVar
@@ -34,6 +39,9 @@ class Queued(Protocol):
 
     @property
     def client(self) -> str | None: ...
+
+    @property
+    def steps(self) -> int: ...  # iterations it will run once admitted
 
 
 E = TypeVar("E", bound=Queued)
@@ -78,15 +86,30 @@ class FairQueue(Generic[E]):
         self.queued_rows += entry.rows
         self.total_rows += entry.rows
 
-    def pop_fitting(self, free_rows: int) -> E | None:
-        """The next request in round-robin order if its rows fit into ``free_rows``; it counts as running now."""
+    def pop_fitting(self, free_rows: int, iterations_until_free: Callable[[int], int] | None = None) -> E | None:
+        """The next request to run in ``free_rows`` (it counts as running now), or None.
+
+        That is the request whose turn it is, if it fits; else, given ``iterations_until_free(rows)`` (iterations
+        until the running batch has ``rows`` free rows), the first other client's oldest request that fits and
+        runs for no more iterations than the blocked one has to wait (backfilling, module docstring).
+        """
         if not self._ring:
             return None
-        client, q = next(iter(self._ring.items()))
-        if q[0].rows > free_rows:
+        turn = next(iter(self._ring))
+        head = self._ring[turn][0]
+        if head.rows <= free_rows:
+            return self._take(turn)
+        if iterations_until_free is None:
             return None
+        wait = iterations_until_free(head.rows)
+        for client, q in itertools.islice(self._ring.items(), 1, None):
+            if q[0].rows <= free_rows and q[0].steps <= wait:
+                return self._take(client)
+        return None
+
+    def _take(self, client: str | None) -> E:
+        q = self._ring.pop(client)
         entry = q.popleft()
-        del self._ring[client]
         if q:
             self._ring[client] = q  # back of the ring: every other client with queued work goes first
         self.queued_rows -= entry.rows

@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -135,6 +136,10 @@ class _Entry:
     @property
     def client(self) -> str | None:
         return self.handle.request.client
+
+    @property
+    def steps(self) -> int:
+        return self.handle.request.steps
 
     def remaining_steps(self) -> int:
         return self.group.remaining if self.group is not None else self.handle.request.steps
@@ -561,11 +566,23 @@ class Engine:
         admitted: list[_Entry] = []
         if self.settings.batching == "request" and self._active:
             return admitted
-        while (e := self._queue.pop_fitting(self.settings.max_batch_rows - self._active_rows)) is not None:
+        free = self._iterations_until_free_locked
+        while (e := self._queue.pop_fitting(self.settings.max_batch_rows - self._active_rows, free)) is not None:
             self._active_rows += e.rows
             self._active.append(e)
             admitted.append(e)
         return admitted
+
+    def _iterations_until_free_locked(self, rows: int) -> int:
+        """Iterations until the running batch has ``rows`` free rows (its requests leave as their steps run out)."""
+        free = self.settings.max_batch_rows - self._active_rows
+        for remaining, n in sorted((e.remaining_steps(), e.rows) for e in self._active):
+            if free >= rows:
+                break
+            free += n
+            if free >= rows:
+                return remaining
+        return 0 if free >= rows else sys.maxsize
 
     def _iterate(self) -> None:
         """One iteration: evict, admit, one forward over every running row, events, retire."""

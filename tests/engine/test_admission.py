@@ -20,6 +20,7 @@ class Item:
     name: str
     client: str | None
     rows: int = 1
+    steps: int = 10
 
 
 def _drain(q: FairQueue[Item], free: int = 1_000) -> list[str]:
@@ -47,6 +48,23 @@ def test_a_request_that_does_not_fit_is_not_skipped() -> None:
     q.push(Item("small", "b", rows=1))
     assert q.pop_fitting(4) is None
     assert _drain(q, free=9) == ["big", "small"]
+
+
+def test_backfill_runs_only_what_finishes_before_the_blocked_request_could_start() -> None:
+    q: FairQueue[Item] = FairQueue(max_queue_rows=100, max_rows_per_client=100)
+    q.push(Item("big", "a", rows=8))
+    q.push(Item("long", "b", rows=1, steps=50))
+    q.push(Item("short", "c", rows=1, steps=20))
+    waits = []
+
+    def until_free(rows: int) -> int:
+        waits.append(rows)
+        return 30  # the running batch frees 8 rows in 30 iterations
+
+    assert q.pop_fitting(4, until_free).name == "short"  # 20 ≤ 30: done before "big" can start
+    assert q.pop_fitting(3, until_free) is None  # "long" (50 > 30) would delay "big"
+    assert waits == [8, 8]
+    assert _drain(q, free=9) == ["big", "long"]  # "big" kept its turn
 
 
 def test_bounds_count_queued_and_running_rows() -> None:
