@@ -17,9 +17,13 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v.strip())
 
 
-def _dtype(name: str):
+def _dtype(name: str, device: str = "cpu"):
     import torch
 
+    if name == "auto":
+        from service.hardware import auto_dtype
+
+        name = auto_dtype(device)
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
@@ -98,7 +102,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model, _device(args.device))
-    dtype = _dtype(args.dtype)
+    dtype = _dtype(args.dtype, _device(args.device))
     prepare_unet(model, dtype)
     init = None
     if args.init_noise:
@@ -140,7 +144,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     try:
         report = evaluate(
-            args.model, args.sampler, args.steps, args.num, args.eta, args.batch, _dtype(args.dtype), args.seed,
+            args.model, args.sampler, args.steps, args.num, args.eta, args.batch,
+            _dtype(args.dtype, _device(args.device)), args.seed,
             args.reference, args.reference_labels, args.classifier, args.train, args.train_labels,
             _device(args.device), progress, spacing=args.timestep_spacing, compiled=args.compiled,
         )
@@ -177,7 +182,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args.model, _device(args.device))
-    dtype = _dtype(args.dtype)
+    dtype = _dtype(args.dtype, _device(args.device))
     start = time.perf_counter()
     package = compile_unet(model, Path(args.out or args.model), dtype, args.max_batch_rows)
     print(f"compiled {args.model} ({args.dtype}, 1..{args.max_batch_rows} rows) in {time.perf_counter() - start:.0f} s"
@@ -278,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampler_arguments(s, default="ddpm")
     s.add_argument("--init-noise", default=None, help=".npy x_T of shape (N, C, H, W)")
     s.add_argument("--batch", type=int, default=None)
-    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default="float32")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("--compiled", choices=["auto", "off"], default="auto", help="auto: the model's compiled UNet")
@@ -301,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampler_arguments(e, default="ddim")
     e.add_argument("--num", type=int, default=1000, help="generated images (and real training digits for the floor)")
     e.add_argument("--batch", type=int, default=250)
-    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default="float32")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--threads", type=int, default=0)
@@ -317,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("compile", help="AOT-compile the model's UNet for this machine (needs a C++ compiler)")
     k.add_argument("--model", default="model_store/mnist")
-    k.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    k.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default="float32")
     k.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     k.add_argument("--max-batch-rows", type=int, default=64, help="largest batch served (DDPM_MAX_BATCH_ROWS)")
     k.add_argument("--threads", type=int, default=0)

@@ -22,7 +22,9 @@ class Settings(BaseSettings):
     # model
     model: str = Field("model_store/mnist", description="model-store entry or diffusers UNet2DModel folder")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available, else CPU")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="UNet compute dtype")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="UNet compute dtype; auto = bfloat16 on CUDA and CPUs with avx512_bf16/AMX, else float32"
+    )
     examples_dir: str | None = Field(None, description="example PNGs for GET /noise; default <model>/examples")
     # server
     host: str = Field("127.0.0.1", description="bind address (0.0.0.0 in containers)")
@@ -68,6 +70,14 @@ class Settings(BaseSettings):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self) -> str:
+        """``auto`` → :func:`service.hardware.auto_dtype` for the resolved device; others as given."""
+        if self.dtype != "auto":
+            return self.dtype
+        from service.hardware import auto_dtype
+
+        return auto_dtype(self.resolved_device())
 
     def resolved_api_keys(self) -> tuple[str, ...]:
         """The keys of ``api_keys`` and ``api_keys_file`` (stripped, deduplicated); OSError if the file is unreadable,

@@ -13,7 +13,7 @@ name                                          type       meaning
 ===========================================  =========  ====================================================
 ddpm_queue_depth_requests                     gauge      requests accepted but not yet admitted to the batch
 ddpm_queue_depth_rows                         gauge      rows (images) of those requests
-ddpm_active_rows                              gauge      rows in the running batch
+ddpm_active_rows                              gauge      resident rows (admitted; a forward steps up to max_batch_rows)
 ddpm_batch_rows                               histogram  rows per UNet forward (one per iteration)
 ddpm_step_duration_seconds                    histogram  one iteration: stack, forward, per-row updates
 ddpm_time_to_first_step_seconds               histogram  submission → the request's first step finished
@@ -76,7 +76,9 @@ class EngineMetrics:
             "ddpm_queue_depth_requests", "Requests accepted but not yet admitted to the running batch", registry=r
         )
         self.queue_depth_rows = Gauge("ddpm_queue_depth_rows", "Rows (images) of the queued requests", registry=r)
-        self.active_rows = Gauge("ddpm_active_rows", "Rows in the running batch", registry=r)
+        self.active_rows = Gauge(
+            "ddpm_active_rows", "Resident rows (admitted; one forward steps up to max_batch_rows)", registry=r
+        )
         self.batch_rows = Histogram(
             "ddpm_batch_rows", "Rows per UNet forward", buckets=BATCH_ROWS_BUCKETS, registry=r
         )

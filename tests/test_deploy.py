@@ -485,3 +485,116 @@ def test_every_metric_used_exists_in_a_live_scrape(tmp_path: Path) -> None:
     assert not missing, "\n".join(missing)
     assert series["ddpm_requests_total"] >= {"outcome"}
     assert series["ddpm_request_duration_seconds_bucket"] >= {"sampler", "le"}
+
+
+# ---------------------------------------------------------------------------------------- KServe
+# Structural checks only: KServe's CRD OpenAPI schemas are in no package installable here, and the kserve package
+# (whose generated models could deserialize these manifests) pulls grpcio, pandas and pins of its own on fastapi and
+# starlette. Field names below are those of KServe's v1alpha1/v1beta1 API (its Python SDK's models, 0.21).
+
+KSERVE = REPO / "deploy" / "kserve"
+_RUNTIME_SPEC_FIELDS = {
+    "affinity", "annotations", "builtInAdapter", "containers", "disabled", "grpcDataEndpoint", "grpcEndpoint",
+    "hostIPC", "httpDataEndpoint", "imagePullSecrets", "labels", "multiModel", "nodeSelector", "protocolVersions",
+    "replicas", "resourceClaims", "schedulerName", "storageHelper", "supportedModelFormats", "tolerations", "volumes",
+    "workerSpec",
+}
+_PROTOCOLS = {"v1", "v2", "grpc-v1", "grpc-v2"}
+
+
+def kserve_docs() -> list[dict]:
+    docs = []
+    for path in sorted(KSERVE.glob("*.yaml")):
+        docs += [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def kserve(kind: str) -> dict:
+    (doc,) = [d for d in kserve_docs() if d["kind"] == kind]
+    return doc
+
+
+def test_kserve_manifests_parse_with_kserve_kinds_and_apis() -> None:
+    apis = {d["kind"]: d["apiVersion"] for d in kserve_docs()}
+    assert apis == {"ServingRuntime": "serving.kserve.io/v1alpha1", "InferenceService": "serving.kserve.io/v1beta1",
+                    "Kustomization": "kustomize.config.k8s.io/v1beta1"}
+    kust = kserve("Kustomization")
+    assert sorted(kust["resources"]) == sorted(p.name for p in KSERVE.glob("*.yaml") if p.name != "kustomization.yaml")
+    assert kust["namespace"] == k8s("Namespace")[0]["metadata"]["name"], "the Secret ddpm-api-keys lives there"
+    spec = kserve("ServingRuntime")["spec"]
+    assert set(spec) <= _RUNTIME_SPEC_FIELDS, f"not ServingRuntime fields: {set(spec) - _RUNTIME_SPEC_FIELDS}"
+    for fmt in spec["supportedModelFormats"]:
+        assert set(fmt) <= {"name", "version", "autoSelect", "priority"}, fmt
+    assert set(spec["protocolVersions"]) <= _PROTOCOLS
+
+
+def test_kserve_runtime_runs_the_image_on_the_apps_port_paths_and_settings() -> None:
+    paths = api_paths()
+    spec = kserve("ServingRuntime")["spec"]
+    (c,) = spec["containers"]
+    assert c["name"] == "kserve-container", "KServe merges predictor.model into the container of that name"
+    assert c["image"] == "ddpm-service:cpu" and c["command"] == ["python", "-m", "service", "serve"]
+    assert 'CMD ["python", "-m", "service", "serve"]' in (DOCKER / "Dockerfile").read_text()
+    env = {e["name"]: e["value"] for e in c["env"] if "value" in e}
+    from_refs = {e["name"]: e["valueFrom"] for e in c["env"] if "valueFrom" in e}
+    assert set(env) | set(from_refs) <= SETTINGS, f"unknown settings {(set(env) | set(from_refs)) - SETTINGS}"
+    assert from_refs == {"DDPM_API_KEYS": {"secretKeyRef": {"name": "ddpm-api-keys", "key": "api-keys"}}}
+    settings = Settings(**{k.removeprefix("DDPM_").lower(): v for k, v in env.items()})
+    assert_key_required(settings, "ServingRuntime")
+    assert settings.host == "0.0.0.0" and settings.port == PORT == Settings().port
+    assert c["ports"] == [{"name": "http1", "containerPort": settings.port, "protocol": "TCP"}]  # Knative: one port
+    assert settings.drain_timeout_s >= settings.request_timeout_s
+    probes = {"readinessProbe": "/v2/health/ready", "livenessProbe": "/v2/health/live"}
+    for probe, path in probes.items():
+        assert c[probe]["httpGet"] == {"path": path, "port": settings.port}, probe  # Knative: the container's port
+        assert path in paths and needs_no_key(path), probe  # kubelet and queue-proxy send no key
+    assert spec["annotations"]["prometheus.kserve.io/port"] == str(settings.port)
+    assert spec["annotations"]["prometheus.kserve.io/path"] in paths
+    assert needs_no_key(spec["annotations"]["prometheus.kserve.io/path"])
+    assert {"cpu", "memory"} <= set(c["resources"]["requests"]) and "memory" in c["resources"]["limits"]
+    assert settings.device == "cpu" and settings.threads == int(c["resources"]["requests"]["cpu"])
+    assert c["securityContext"]["runAsNonRoot"] is True and c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {m["name"] for m in c["volumeMounts"]} <= {v["name"] for v in spec["volumes"]}
+
+
+def test_kserve_speaks_v2_and_the_inference_service_uses_the_runtime() -> None:
+    runtime = kserve("ServingRuntime")
+    isvc = kserve("InferenceService")
+    paths = api_paths()
+    assert "v2" in runtime["spec"]["protocolVersions"] and runtime["spec"]["multiModel"] is False
+    assert {"/v2/models/{name}/infer", "/v2/models/{name}/ready", "/v2/models/{name}", "/v2"} <= paths
+    predictor = isvc["spec"]["predictor"]
+    model = predictor["model"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
+    formats = {f["name"]: f for f in runtime["spec"]["supportedModelFormats"]}
+    fmt = formats[model["modelFormat"]["name"]]  # KeyError: a format the runtime does not support
+    assert model["modelFormat"].get("version", fmt["version"]) == fmt["version"]
+    # v1beta1 PredictorSpec / ModelSpec fields: a typo is an unknown field, which the API server rejects or prunes
+    assert set(predictor) <= {"minReplicas", "maxReplicas", "scaleMetric", "scaleTarget", "timeout", "model"}
+    assert set(model) <= {"modelFormat", "runtime", "protocolVersion", "storageUri", "env", "resources"}
+    env = {e["name"]: e.get("value") for e in runtime["spec"]["containers"][0]["env"]}
+    settings = Settings(**{k.removeprefix("DDPM_").lower(): v for k, v in env.items() if v is not None})
+    # storageUri: KServe puts the model-store entry at /mnt/models, where the runtime's DDPM_MODEL points
+    uri = model["storageUri"]
+    assert re.fullmatch(r"(pvc|s3|gs)://[\w.-]+/[\w./-]+|https://\S+", uri), uri
+    assert settings.model == "/mnt/models"
+    # the server names the model after config.json, so the InferenceService of that name serves /v2/models/<name>
+    entry = REPO / "model_store" / uri.rstrip("/").rsplit("/", 1)[-1]
+    assert (entry / "model.safetensors").is_file(), f"{uri} is not a model-store entry of this repository"
+    assert json.loads((entry / "config.json").read_text())["name"] == isvc["metadata"]["name"]
+    # Knative's concurrency target fills the queue no further than its bound before it adds pods
+    assert predictor["scaleMetric"] in {"concurrency", "rps", "cpu", "memory"}
+    assert predictor["scaleTarget"] * settings.max_images_per_request <= settings.max_queue_rows
+    assert 1 <= predictor["minReplicas"] <= predictor["maxReplicas"]
+    assert predictor["timeout"] > settings.request_timeout_s, "Knative cuts requests off before the service does"
+
+
+def test_kserve_readme_and_secret() -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### KServe"):]
+    assert "kubectl apply -k deploy/kserve" in section and "/v2/models/mnist/infer" in section
+    assert "ddpm-api-keys" in section and 'Authorization: Bearer $KEY' in section
+    assert not [d for d in kserve_docs() if d["kind"] == "Secret"]
+    assert "kubectl create secret generic ddpm-api-keys -n ddpm --from-literal=api-keys=" in \
+        (KSERVE / "kustomization.yaml").read_text()

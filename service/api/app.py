@@ -102,7 +102,7 @@ async def _start_engine(app: FastAPI, model: object, settings: Settings, threads
             max_rows_per_client=settings.max_rows_per_client,
             request_timeout_s=settings.request_timeout_s,
             batching=settings.batching,
-            dtype=settings.dtype,
+            dtype=settings.resolved_dtype(),
             threads=threads,
             compiled=settings.compiled,
             cuda_graphs=settings.cuda_graphs,

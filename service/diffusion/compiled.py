@@ -24,27 +24,16 @@ from pathlib import Path
 import torch
 
 from service.diffusion.checkpoint import DiffusionModel
+from service.hardware import cpu_flags
 
 __all__ = ["ArtifactKey", "artifact_paths", "compile_unet", "load_compiled"]
 
 log = logging.getLogger(__name__)
 
 FORMAT = "ddpm-aoti-1"
-ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
-             "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 CompiledUNet = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    present = set(line.partition(":")[2].split())
-    return [f for f in ISA_FLAGS if f in present]
 
 
 @dataclass(frozen=True)
@@ -68,7 +57,7 @@ class ArtifactKey:
             major, minor = torch.cuda.get_device_capability(device)
             capability, flags = f"sm_{major}{minor}", ()
         else:
-            capability, flags = torch.backends.cpu.get_cpu_capability(), tuple(_cpu_flags())
+            capability, flags = torch.backends.cpu.get_cpu_capability(), tuple(cpu_flags())
         return cls(FORMAT, model.sha256, DTYPE_NAMES[dtype], torch.__version__, device.type, capability, flags,
                    platform.machine(), max_batch_rows)
 

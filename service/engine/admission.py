@@ -8,20 +8,23 @@ submission, counting queued *and* running rows:
 * each client stays within ``max_rows_per_client`` (else ``client_quota``), so one client's burst cannot fill the
   queue while others are turned away. In-process callers (``client=None``) have no per-client cap.
 
-Admission into the running batch goes round-robin over the clients with queued requests, one request per turn,
-oldest first within a client, so a client with one small request waits for at most one request of each other
-client, not for another client's hundred. When the request whose turn it is does not fit into the free rows, it
-keeps its turn, and only *backfilling* may go ahead of it (EASY backfilling, Lifka 1995): another client's oldest
-request is admitted into the free rows if it also finishes before the blocked one could start anyway. Step counts
-are known exactly, so "could start" is exact: the number of iterations until the running requests that finish
-first free enough rows. The blocked request is therefore never delayed, a large request is never starved, and
-small requests of other clients fill the rows it cannot use yet. With a single client this is the strict FIFO the
-engine had before.
+Admission. A queued request becomes *resident* (its rows get their state and may be stepped) when its client has
+room: each client may hold up to one batch (``max_batch_rows``) of resident rows, oldest request first, so one
+client's backlog never keeps another client's request out. Queued requests are admitted round-robin over clients;
+within a client in order, and a client's oldest request that does not fit yet is not skipped, so large requests are
+never starved by the same client's smaller ones (with a single client this is the strict FIFO the engine had
+before).
+
+Batch. With several clients, more rows can be resident than one forward takes. Each iteration the engine steps at
+most ``max_batch_rows`` of them (``Engine._select_locked``): the oldest resident request always, then up to an
+equal share of rows per client, then whatever else fits, oldest first. A client's request therefore starts at the
+next iteration and runs at its own pace, while another client's flood shares the rest; rows that sit an iteration
+out keep their state in memory (bounded by ``max_queue_rows``). Because the oldest request always advances, every
+request finishes.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from typing import Generic, Literal, Protocol, TypeVar
@@ -39,9 +42,6 @@ class Queued(Protocol):
 
     @property
     def client(self) -> str | None: ...
-
-    @property
-    def steps(self) -> int: ...  # iterations it will run once admitted
 
 
 E = TypeVar("E", bound=Queued)
@@ -86,24 +86,11 @@ class FairQueue(Generic[E]):
         self.queued_rows += entry.rows
         self.total_rows += entry.rows
 
-    def pop_fitting(self, free_rows: int, iterations_until_free: Callable[[int], int] | None = None) -> E | None:
-        """The next request to run in ``free_rows`` (it counts as running now), or None.
-
-        That is the request whose turn it is, if it fits; else, given ``iterations_until_free(rows)`` (iterations
-        until the running batch has ``rows`` free rows), the first other client's oldest request that fits and
-        runs for no more iterations than the blocked one has to wait (backfilling, module docstring).
-        """
-        if not self._ring:
-            return None
-        turn = next(iter(self._ring))
-        head = self._ring[turn][0]
-        if head.rows <= free_rows:
-            return self._take(turn)
-        if iterations_until_free is None:
-            return None
-        wait = iterations_until_free(head.rows)
-        for client, q in itertools.islice(self._ring.items(), 1, None):
-            if q[0].rows <= free_rows and q[0].steps <= wait:
+    def pop_fitting(self, free_rows: Callable[[str | None], int]) -> E | None:
+        """The next request, in round-robin order over clients, whose rows fit into ``free_rows(its client)``; it
+        counts as running now. A client's oldest request that does not fit blocks only that client."""
+        for client, q in self._ring.items():
+            if q[0].rows <= free_rows(client):
                 return self._take(client)
         return None
 

@@ -4,10 +4,11 @@ A request becomes ``num_images`` rows (:class:`~service.diffusion.rows.RowGroup`
 thread owns the model and loops; each iteration it
 
 1. drops the rows of cancelled and expired requests (queued or running),
-2. admits queued requests while their rows fit in ``max_batch_rows``, round-robin over clients and oldest first
-   within one (:mod:`service.engine.admission`: the bounded queue and each client's share of it),
-3. runs ONE UNet forward over all running rows — each at its own t, of its own sampler and step count —
-   and the per-row sampler updates (:func:`~service.diffusion.rows.batched_step`),
+2. admits queued requests round-robin over clients, each client up to ``max_batch_rows`` resident rows, oldest
+   first within one (:mod:`service.engine.admission`: the bounded queue and each client's share of it),
+3. picks at most ``max_batch_rows`` resident rows, max-min fair between clients (all of them when they fit), and
+   runs ONE UNet forward over them — each at its own t, of its own sampler and step count — and the per-row
+   sampler updates (:func:`~service.diffusion.rows.batched_step`),
 4. posts progress events and retires finished requests, resolving their futures on the submitting event
    loop with ``loop.call_soon_threadsafe``.
 
@@ -45,9 +46,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -136,10 +137,6 @@ class _Entry:
     @property
     def client(self) -> str | None:
         return self.handle.request.client
-
-    @property
-    def steps(self) -> int:
-        return self.handle.request.steps
 
     def remaining_steps(self) -> int:
         return self.group.remaining if self.group is not None else self.handle.request.steps
@@ -562,27 +559,61 @@ class Engine:
             self._finish(e, reason, calls, error)
 
     def _admit_locked(self) -> list[_Entry]:
-        """Move queued requests into the running batch while their rows fit (round-robin over clients)."""
+        """Make queued requests resident: each client up to ``max_batch_rows`` resident rows of its own (step-level
+        batching), or, request-level, one batch of rows when nothing is resident. Round-robin over clients."""
         admitted: list[_Entry] = []
-        if self.settings.batching == "request" and self._active:
-            return admitted
-        free = self._iterations_until_free_locked
-        while (e := self._queue.pop_fitting(self.settings.max_batch_rows - self._active_rows, free)) is not None:
+        limit = self.settings.max_batch_rows
+        if self.settings.batching == "request":
+            if self._active:
+                return admitted
+
+            def free(client: str | None) -> int:
+                return limit - self._active_rows
+        else:
+            resident = Counter(e.client for e in self._active)
+
+            def free(client: str | None) -> int:
+                return limit - resident[client]
+
+        while (e := self._queue.pop_fitting(free)) is not None:
             self._active_rows += e.rows
             self._active.append(e)
             admitted.append(e)
+            if self.settings.batching == "step":
+                resident[e.client] += e.rows
         return admitted
 
-    def _iterations_until_free_locked(self, rows: int) -> int:
-        """Iterations until the running batch has ``rows`` free rows (its requests leave as their steps run out)."""
-        free = self.settings.max_batch_rows - self._active_rows
-        for remaining, n in sorted((e.remaining_steps(), e.rows) for e in self._active):
-            if free >= rows:
-                break
-            free += n
-            if free >= rows:
-                return remaining
-        return 0 if free >= rows else sys.maxsize
+    def _select_locked(self) -> list[_Entry]:
+        """The resident requests this iteration's forward steps, at most ``max_batch_rows`` rows, max-min fair
+        between clients (:mod:`service.engine.admission`, "Batch"): the oldest resident request always (so every
+        request advances once it is the oldest), then up to an equal share of rows per client, oldest first
+        within each, then whatever else fits, oldest first. Requests left out keep their state and wait."""
+        limit = self.settings.max_batch_rows
+        if self._active_rows <= limit:
+            return list(self._active)
+        chosen: dict[int, _Entry] = {}
+        used = 0
+
+        def take(e: _Entry) -> None:
+            nonlocal used
+            chosen[id(e)] = e
+            used += e.rows
+
+        take(self._active[0])  # admission order: the oldest
+        by_client: dict[str | None, list[_Entry]] = {}
+        for e in self._active:
+            by_client.setdefault(e.client, []).append(e)
+        share = limit // len(by_client)
+        for entries in by_client.values():
+            mine = sum(e.rows for e in entries if id(e) in chosen)
+            for e in entries:
+                if id(e) not in chosen and mine + e.rows <= share and used + e.rows <= limit:
+                    take(e)
+                    mine += e.rows
+        for e in self._active:
+            if id(e) not in chosen and used + e.rows <= limit:
+                take(e)
+        return [e for e in self._active if id(e) in chosen]
 
     def _iterate(self) -> None:
         """One iteration: evict, admit, one forward over every running row, events, retire."""
@@ -591,7 +622,7 @@ class Engine:
         with self._cond:
             self._evict_locked(now, calls)
             admitted = self._admit_locked()
-            running = list(self._active)
+            running = self._select_locked()
             self._set_gauges_locked()
         try:
             if running:

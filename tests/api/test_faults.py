@@ -89,14 +89,21 @@ def test_dead_worker_fails_in_flight_requests_at_once_and_the_process_exits_non_
             ended[name] = (time.monotonic(), events[-1][1].get("status", 200), events[-1])
 
     try:
+        def wait_for(metric: str, value: float) -> None:
+            deadline = time.monotonic() + 30
+            while srv.metric(metric) < value:
+                assert time.monotonic() < deadline, (metric, srv.log())
+                time.sleep(0.05)
+
         threads = [threading.Thread(target=post, args=(f"run-{i}", long)) for i in range(2)]
-        threads.append(threading.Thread(target=post, args=("queued", {**long, "num_images": 2})))
-        threads.append(threading.Thread(target=stream, args=("sse",)))
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 30
-        while srv.metric("ddpm_queue_depth_requests") < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for("ddpm_active_rows", 2)  # both running: the batch (2 rows) is full
+        threads.append(threading.Thread(target=post, args=("queued", {**long, "num_images": 2})))
+        threads.append(threading.Thread(target=stream, args=("sse",)))
+        for t in threads[2:]:
+            t.start()
+        wait_for("ddpm_queue_depth_requests", 2)
         assert srv.metric("ddpm_active_rows") == 2
         armed = time.monotonic()
         flag.write_text("die")
@@ -109,7 +116,9 @@ def test_dead_worker_fails_in_flight_requests_at_once_and_the_process_exits_non_
     assert set(ended) == {"run-0", "run-1", "queued", "sse"}
     for name, (at, status, body) in ended.items():
         assert status == 503, (name, body)
-        assert at - armed < 1.0, (name, at - armed)  # at once, not at the 300 s deadline
+        # At once, not at the 300 s deadline: ~0.1 s on an idle machine; 2 s leaves room for a loaded one.
+        assert at - armed < 2.0, (name, at - armed)
+    print(f"in-flight requests failed {max(at for at, _, _ in ended.values()) - armed:.3f} s after the fault")
     assert ended["run-0"][2]["request_id"] == "run-0" and "worker died" in ended["run-0"][2]["detail"]
     for path, r in probes.items():
         assert r.status_code == 503 and r.json()["status"] == "failed", path

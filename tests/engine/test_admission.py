@@ -20,14 +20,15 @@ class Item:
     name: str
     client: str | None
     rows: int = 1
-    steps: int = 10
 
 
 def _drain(q: FairQueue[Item], free: int = 1_000) -> list[str]:
+    """Pop until nothing fits; every client has ``free`` rows of room."""
+    room: dict[str | None, int] = {}
     out = []
-    while (e := q.pop_fitting(free)) is not None:
+    while (e := q.pop_fitting(lambda c: free - room.get(c, 0))) is not None:
         out.append(e.name)
-        free -= e.rows
+        room[e.client] = room.get(e.client, 0) + e.rows
     return out
 
 
@@ -41,30 +42,13 @@ def test_round_robin_between_clients_fifo_within_one() -> None:
     assert _drain(q) == ["a0", "b0", "c0", "a1", "b1", "a2", "a3"]
 
 
-def test_a_request_that_does_not_fit_is_not_skipped() -> None:
-    """The head whose turn it is blocks admission until it fits: a large request is never starved."""
+def test_a_blocked_request_blocks_its_own_client_only() -> None:
     q: FairQueue[Item] = FairQueue(max_queue_rows=100, max_rows_per_client=100)
     q.push(Item("big", "a", rows=8))
-    q.push(Item("small", "b", rows=1))
-    assert q.pop_fitting(4) is None
+    q.push(Item("small", "a", rows=1))
+    q.push(Item("other", "b", rows=1))
+    assert _drain(q, free=4) == ["other"]  # a's small request does not overtake a's big one
     assert _drain(q, free=9) == ["big", "small"]
-
-
-def test_backfill_runs_only_what_finishes_before_the_blocked_request_could_start() -> None:
-    q: FairQueue[Item] = FairQueue(max_queue_rows=100, max_rows_per_client=100)
-    q.push(Item("big", "a", rows=8))
-    q.push(Item("long", "b", rows=1, steps=50))
-    q.push(Item("short", "c", rows=1, steps=20))
-    waits = []
-
-    def until_free(rows: int) -> int:
-        waits.append(rows)
-        return 30  # the running batch frees 8 rows in 30 iterations
-
-    assert q.pop_fitting(4, until_free).name == "short"  # 20 ≤ 30: done before "big" can start
-    assert q.pop_fitting(3, until_free) is None  # "long" (50 > 30) would delay "big"
-    assert waits == [8, 8]
-    assert _drain(q, free=9) == ["big", "long"]  # "big" kept its turn
 
 
 def test_bounds_count_queued_and_running_rows() -> None:
@@ -73,7 +57,7 @@ def test_bounds_count_queued_and_running_rows() -> None:
     q.push(first)
     assert q.refusal("a", 2) == "client_quota" and q.refusal("a", 1) is None
     assert q.refusal(None, 8) == "queue_full" and q.refusal(None, 7) is None  # in-process callers: no quota
-    assert q.pop_fitting(10) is first  # running rows still count
+    assert q.pop_fitting(lambda c: 10) is first  # running rows still count
     assert q.refusal("a", 2) == "client_quota" and q.client_rows("a") == 3
     q.release(first)
     assert q.refusal("a", 4) is None and q.total_rows == 0
@@ -122,6 +106,30 @@ def test_client_over_its_share_gets_quota_error_while_others_are_admitted(tiny_m
     assert type(full) is QueueFullError and full.reason == "queue_full"
     assert [r.images.shape[0] for r in results] == [4, 4, 4]
     assert rejected == {"client_quota": 1.0, "queue_full": 1.0}
+
+
+def test_a_small_client_runs_at_once_beside_a_flood_that_fills_the_batch(tiny_model: DiffusionModel) -> None:
+    """Client b's short request is resident at once and stepped every iteration (its share of the batch), so it
+    finishes first although client a's long requests filled the batch before it came."""
+
+    async def body(engine: Engine):
+        flood = [engine.submit(GenerationRequest(1, seed=i, sampler="ddim", steps=40, client="a")) for i in range(8)]
+        while engine.stats()["iterations"] < 2:
+            await asyncio.sleep(0.005)
+        small = engine.submit(GenerationRequest(1, seed=99, sampler="ddim", steps=5, client="b"))
+        order: list[str] = []
+
+        async def track(name: str, h) -> None:
+            await h.result()
+            order.append(name)
+
+        await asyncio.gather(*(track(f"a{i}", h) for i, h in enumerate(flood)), track("b", small))
+        return order, engine.stats()
+
+    order, stats = _engine_run(tiny_model, body, max_batch_rows=4, max_queue_rows=16, max_rows_per_client=16)
+    assert order[0] == "b", order
+    assert [o for o in order if o != "b"] == [f"a{i}" for i in range(8)]  # FIFO within a client
+    assert stats["active_rows"] == 0 and stats["queued_rows"] == 0
 
 
 def test_a_small_client_is_admitted_before_a_flood_queued_earlier(tiny_model: DiffusionModel) -> None:
