@@ -12,7 +12,7 @@ import pytest
 
 from tests.api.conftest import Server
 
-FLOOD = {"num_images": 1, "sampler": "ddpm", "steps": 300, "format": "json"}
+FLOOD = {"num_images": 1, "sampler": "ddpm", "steps": 120, "format": "json"}
 
 
 @pytest.mark.slow
