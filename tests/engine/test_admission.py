@@ -6,13 +6,10 @@ import asyncio
 from dataclasses import dataclass
 
 import pytest
-from prometheus_client import CollectorRegistry
 
-from service.diffusion.checkpoint import DiffusionModel
 from service.engine.admission import FairQueue
-from service.engine.batcher import Engine, EngineSettings
+from service.engine.batcher import Engine
 from service.engine.client import ClientQuotaError, GenerationRequest, QueueFullError
-from service.metrics import EngineMetrics
 
 
 @dataclass(eq=False)
@@ -73,20 +70,19 @@ def test_remove_queued_releases_rows_and_keeps_order() -> None:
     assert _drain(q) == ["a0", "a2"]
 
 
-def _engine_run(model: DiffusionModel, body, **settings):
-    async def main():
-        settings.setdefault("threads", 1)
-        engine = Engine(model, EngineSettings(**settings), EngineMetrics(CollectorRegistry()))
-        await engine.start()
-        try:
-            return await asyncio.wait_for(body(engine), timeout=60)
-        finally:
-            await engine.drain(timeout_s=5)
+async def _finish_order(flood: list, small) -> list[str]:
+    """Names of the requests (a0, a1, …, b) in the order they finished."""
+    order: list[str] = []
 
-    return asyncio.run(main())
+    async def track(name: str, h) -> None:
+        await h.result()
+        order.append(name)
+
+    await asyncio.gather(*(track(f"a{i}", h) for i, h in enumerate(flood)), track("b", small))
+    return order
 
 
-def test_client_over_its_share_gets_quota_error_while_others_are_admitted(tiny_model: DiffusionModel) -> None:
+def test_client_over_its_share_gets_quota_error_while_others_are_admitted(run_engine) -> None:
     async def body(engine: Engine):
         flood = [engine.submit(GenerationRequest(4, seed=i, sampler="ddim", steps=20, client="a")) for i in range(2)]
         with pytest.raises(ClientQuotaError) as quota:
@@ -99,16 +95,14 @@ def test_client_over_its_share_gets_quota_error_while_others_are_admitted(tiny_m
         return quota.value, full.value, results, {r: metrics.labels(reason=r)._value.get() for r in
                                                    ("client_quota", "queue_full")}
 
-    quota, full, results, rejected = _engine_run(
-        tiny_model, body, max_batch_rows=4, max_queue_rows=12, max_rows_per_client=8
-    )
+    quota, full, results, rejected = run_engine(body, max_batch_rows=4, max_queue_rows=12, max_rows_per_client=8)
     assert quota.reason == "client_quota" and "max_rows_per_client=8" in str(quota) and quota.retry_after_s > 0
     assert type(full) is QueueFullError and full.reason == "queue_full"
     assert [r.images.shape[0] for r in results] == [4, 4, 4]
     assert rejected == {"client_quota": 1.0, "queue_full": 1.0}
 
 
-def test_a_small_client_runs_at_once_beside_a_flood_that_fills_the_batch(tiny_model: DiffusionModel) -> None:
+def test_a_small_client_runs_at_once_beside_a_flood_that_fills_the_batch(run_engine) -> None:
     """Client b's short request is resident at once and stepped every iteration (its share of the batch), so it
     finishes first although client a's long requests filled the batch before it came."""
 
@@ -117,36 +111,22 @@ def test_a_small_client_runs_at_once_beside_a_flood_that_fills_the_batch(tiny_mo
         while engine.stats()["iterations"] < 2:
             await asyncio.sleep(0.005)
         small = engine.submit(GenerationRequest(1, seed=99, sampler="ddim", steps=5, client="b"))
-        order: list[str] = []
+        return await _finish_order(flood, small), engine.stats()
 
-        async def track(name: str, h) -> None:
-            await h.result()
-            order.append(name)
-
-        await asyncio.gather(*(track(f"a{i}", h) for i, h in enumerate(flood)), track("b", small))
-        return order, engine.stats()
-
-    order, stats = _engine_run(tiny_model, body, max_batch_rows=4, max_queue_rows=16, max_rows_per_client=16)
+    order, stats = run_engine(body, max_batch_rows=4, max_queue_rows=16, max_rows_per_client=16)
     assert order[0] == "b", order
     assert [o for o in order if o != "b"] == [f"a{i}" for i in range(8)]  # FIFO within a client
     assert stats["active_rows"] == 0 and stats["queued_rows"] == 0
 
 
-def test_a_small_client_is_admitted_before_a_flood_queued_earlier(tiny_model: DiffusionModel) -> None:
+def test_a_small_client_is_admitted_before_a_flood_queued_earlier(run_engine) -> None:
     """Round-robin: with one batch slot, client b's request runs right after the running one, not after a's ten."""
 
     async def body(engine: Engine):
         flood = [engine.submit(GenerationRequest(1, seed=i, sampler="ddim", steps=5, client="a")) for i in range(10)]
         small = engine.submit(GenerationRequest(1, seed=99, sampler="ddim", steps=5, client="b"))
-        order: list[str] = []
+        return await _finish_order(flood, small)
 
-        async def track(name: str, h) -> None:
-            await h.result()
-            order.append(name)
-
-        await asyncio.gather(*(track(f"a{i}", h) for i, h in enumerate(flood)), track("b", small))
-        return order
-
-    order = _engine_run(tiny_model, body, max_batch_rows=1, max_queue_rows=16, max_rows_per_client=16)
+    order = run_engine(body, max_batch_rows=1, max_queue_rows=16, max_rows_per_client=16)
     assert order.index("b") <= 2, order  # FIFO would finish it last
     assert [o for o in order if o != "b"] == [f"a{i}" for i in range(10)]  # FIFO within a client
