@@ -211,6 +211,7 @@ class GenerationResult:
     shape: list[int]  # (N, C, H, W)
     queue_seconds: float  # submission → first denoising step
     total_seconds: float  # submission → completion
+    model: str | None = None  # the model that made them (None from servers older than DDPM_MODELS)
     request_id: str | None = None
 
     def numpy(self) -> np.ndarray:
@@ -312,6 +313,7 @@ class ModelInfo:
     default_timestep_spacing: dict[str, str]
     max_images_per_request: int
     examples: list[str]  # example images for noise(image=...)
+    ready: bool = True  # its engine is warm and admits work
 
 
 def _noise_result(body: Mapping[str, Any], request_id: str | None) -> NoiseResult:
@@ -409,11 +411,13 @@ def _generation_body(
     steps: int | None,
     eta: float | None,
     timestep_spacing: str | None,
+    model: str | None,
     extra: Mapping[str, Any] | None,
     **fixed: Any,
 ) -> dict[str, Any]:
     """The JSON body; fields left None are not sent, so the server's defaults apply."""
     body = {
+        "model": model,
         "num_images": num_images,
         "seed": seed,
         "sampler": sampler,
@@ -458,16 +462,18 @@ class _Base:
         steps: int | None = None,
         eta: float | None = None,
         timestep_spacing: Spacing | None = None,
+        model: str | None = None,
         extra: Mapping[str, Any] | None = None,
         request_id: str | None = None,
     ) -> _Call[GenerationResult]:
         """Generate ``num_images`` images (``POST /generate``).
 
         Options left None take the server's defaults (``model().default_steps`` and ``default_timestep_spacing``);
-        ``eta`` is DDIM's η. ``extra`` adds body fields this client does not name; ``request_id`` sets
-        ``X-Request-ID``. Returns the PIL images and how they were made; ``.numpy()`` decodes them to floats.
+        ``eta`` is DDIM's η; ``model`` names one of ``models()`` (default: the server's first). ``extra`` adds body
+        fields this client does not name; ``request_id`` sets ``X-Request-ID``. Returns the PIL images and how
+        they were made; ``.numpy()`` decodes them to floats.
         """
-        body = _generation_body(num_images, seed, sampler, steps, eta, timestep_spacing, extra, format="json")
+        body = _generation_body(num_images, seed, sampler, steps, eta, timestep_spacing, model, extra, format="json")
         return _Call(self._request("POST", "/generate", request_id, json=body), _json(_generation))
 
     def _generate_array(
@@ -479,11 +485,12 @@ class _Base:
         steps: int | None = None,
         eta: float | None = None,
         timestep_spacing: Spacing | None = None,
+        model: str | None = None,
         extra: Mapping[str, Any] | None = None,
         request_id: str | None = None,
     ) -> _Call[ArrayResult]:
         """Like ``generate``, but the model's exact float32 output (N, C, H, W) in [-1, 1] (``format=npy``)."""
-        body = _generation_body(num_images, seed, sampler, steps, eta, timestep_spacing, extra, format="npy")
+        body = _generation_body(num_images, seed, sampler, steps, eta, timestep_spacing, model, extra, format="npy")
 
         def parse(response: httpx.Response) -> ArrayResult:
             _raise_for_status(response)
@@ -500,6 +507,7 @@ class _Base:
         steps: int | None = None,
         eta: float | None = None,
         timestep_spacing: Spacing | None = None,
+        model: str | None = None,
         extra: Mapping[str, Any] | None = None,
         request_id: str | None = None,
     ) -> httpx.Request:
@@ -509,7 +517,7 @@ class _Base:
         early closes the connection, which cancels the request (a sync ``for`` closes it on ``break``; wrap an
         ``async for`` in ``contextlib.aclosing`` to close it at once).
         """
-        body = _generation_body(num_images, seed, sampler, steps, eta, timestep_spacing, extra)
+        body = _generation_body(num_images, seed, sampler, steps, eta, timestep_spacing, model, extra)
         return self._request("POST", "/generate/stream", request_id, json=body)
 
     def _noise(
@@ -521,15 +529,18 @@ class _Base:
         seed: int | None = None,
         include: Iterable[Include] = (),
         scale: int = 1,
+        model: str | None = None,
         request_id: str | None = None,
     ) -> _Call[NoiseResult]:
         """The forward process at timestep ``t`` (0-based), or at each of a list of timesteps (one shared ε).
 
         On the example ``image`` (``GET /noise``, names in ``model().examples``; default: the first) or on
         ``upload``, a PNG/JPEG given as bytes, a path or a PIL image (``POST /noise``). ``include`` adds x_0
-        and/or ε; ``scale`` upscales the PNGs.
+        and/or ε; ``scale`` upscales the PNGs; ``model`` as in ``generate``.
         """
         params: dict[str, Any] = {"format": "json", "scale": scale}
+        if model is not None:
+            params["model"] = model
         if isinstance(t, Iterable):
             params["ts"] = ",".join(str(int(v)) for v in t)
         elif t is not None:
@@ -563,6 +574,7 @@ class _Base:
         seed: int | None = None,
         noise: np.ndarray | None = None,
         variance: Variance | None = None,
+        model: str | None = None,
         request_id: str | None = None,
     ) -> _Call[DenoiseStepResult]:
         """One ancestral step x_t → x_{t-1} at 0-based timestep ``t`` (``POST /denoise-step``).
@@ -576,16 +588,27 @@ class _Base:
             body["image"] = base64.b64encode(_png_bytes(x_t)).decode("ascii")
         else:
             body["x_t"] = _to_b64_npy(x_t)
-        for key, value in (("seed", seed), ("variance", variance)):
+        for key, value in (("seed", seed), ("variance", variance), ("model", model)):
             if value is not None:
                 body[key] = value
         if noise is not None:
             body["noise"] = _to_b64_npy(noise)
         return _Call(self._request("POST", "/denoise-step", request_id, json=body), _json(_denoise_result))
 
-    def _model(self, *, request_id: str | None = None) -> _Call[ModelInfo]:
-        """The served model: shape, T, schedule, samplers with their default and maximum steps, limits."""
-        return _Call(self._request("GET", "/v1/model", request_id), _json(_model_info))
+    def _model(self, name: str | None = None, *, request_id: str | None = None) -> _Call[ModelInfo]:
+        """A served model (``name``; default: the server's first): shape, T, schedule, samplers with their default
+        and maximum steps, limits."""
+        params = {"model": name} if name is not None else {}
+        return _Call(self._request("GET", "/v1/model", request_id, params=params), _json(_model_info))
+
+    def _models(self, *, request_id: str | None = None) -> _Call[list[ModelInfo]]:
+        """Every served model (``GET /v1/models``), the default first."""
+
+        def parse(response: httpx.Response) -> list[ModelInfo]:
+            _raise_for_status(response)
+            return [_model_info(m, _request_id(response)) for m in response.json()["models"]]
+
+        return _Call(self._request("GET", "/v1/models", request_id), parse)
 
     def _health(self) -> _Call[bool]:
         """Liveness (``GET /healthz``): True while the process serves HTTP; transport errors raise."""
@@ -719,6 +742,7 @@ class Client(_Base):
     noise = _sync(_Base._noise)
     denoise_step = _sync(_Base._denoise_step)
     model = _sync(_Base._model)
+    models = _sync(_Base._models)
     health = _sync(_Base._health)
     ready = _sync(_Base._ready)
 
@@ -772,6 +796,7 @@ class AsyncClient(_Base):
     noise = _async(_Base._noise)
     denoise_step = _async(_Base._denoise_step)
     model = _async(_Base._model)
+    models = _async(_Base._models)
     health = _async(_Base._health)
     ready = _async(_Base._ready)
 

@@ -21,11 +21,18 @@ class Settings(BaseSettings):
 
     # model
     model: str = Field("model_store/mnist", description="model-store entry or diffusers UNet2DModel folder")
+    models: str | None = Field(
+        None,
+        description="several models in one server: a comma list of model folders, or one model-repository folder "
+        "whose sub-folders are models; the first is the default. Unset: DDPM_MODEL alone",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available, else CPU")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32", description="UNet compute dtype; auto = bfloat16 on CUDA and CPUs with avx512_bf16/AMX, else float32"
     )
-    examples_dir: str | None = Field(None, description="example PNGs for GET /noise; default <model>/examples")
+    examples_dir: str | None = Field(
+        None, description="example PNGs for GET /noise of the default model; default <model>/examples"
+    )
     # server
     host: str = Field("127.0.0.1", description="bind address (0.0.0.0 in containers)")
     port: int = Field(8000, ge=0, le=65535)
@@ -91,5 +98,25 @@ class Settings(BaseSettings):
             keys += from_file
         return tuple(dict.fromkeys(k for k in keys if k))
 
-    def resolved_examples_dir(self) -> Path:
-        return Path(self.examples_dir) if self.examples_dir else Path(self.model) / "examples"
+    def model_paths(self) -> list[Path]:
+        """The served model folders, default first: ``models`` (a comma list, or one folder of model folders,
+        scanned in name order), else ``model``. ValueError for an empty list or a repository without models."""
+        from service.diffusion.checkpoint import is_model_folder
+
+        if not self.models:
+            return [Path(self.model)]
+        paths = [Path(p.strip()) for p in self.models.split(",") if p.strip()]
+        if not paths:
+            raise ValueError("DDPM_MODELS names no model folder")
+        if len(paths) == 1 and paths[0].is_dir() and not is_model_folder(paths[0]):
+            repository = paths[0]
+            paths = sorted(p for p in repository.iterdir() if p.is_dir() and is_model_folder(p))
+            if not paths:
+                raise ValueError(f"DDPM_MODELS: {repository} is neither a model folder nor a folder of models")
+        return paths
+
+    def examples_dir_for(self, model_path: Path, default: bool) -> Path:
+        """Example PNGs of one served model: ``examples_dir`` for the default model when set, else <model>/examples."""
+        if default and self.examples_dir:
+            return Path(self.examples_dir)
+        return model_path / "examples"

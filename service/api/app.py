@@ -1,9 +1,10 @@
 """The FastAPI application: ``create_app(settings)`` and its lifespan (load, warm up, serve, drain).
 
-The lifespan loads the checkpoint synchronously (a bad path or sha256 mismatch fails startup at
-once), then warms the engine up in the background so that ``/healthz`` answers and ``/readyz`` says
-503 until the model is warm. Shutdown drains the engine: new work is refused (503) and requests in
-flight finish. Routes reach the engine only through ``app.state.engine`` (an ``EngineClient``).
+The lifespan loads the checkpoints synchronously (a bad path or sha256 mismatch fails startup at
+once), then warms the engines up in the background so that ``/healthz`` answers and ``/readyz`` says
+503 until every model is warm. Shutdown drains the engines: new work is refused (503) and requests in
+flight finish. Routes reach an engine only through ``app.state.models`` (:mod:`service.api.models`,
+one ``EngineClient`` per served model) and :mod:`service.api.deps`.
 Each app has its own Prometheus registry, so tests may build many apps in one process.
 """
 
@@ -24,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 from service.api.auth import ApiKeys
 from service.api.errors import install_error_handlers
 from service.api.middleware import BodyLimitMiddleware, HttpMetricsMiddleware, RequestIdMiddleware, json_error
+from service.api.models import ServedModel, ServedModels
 from service.api.openapi import install_openapi
 from service.api.routes import denoise, generate, health, noise, oip
 from service.config import Settings
@@ -84,7 +86,8 @@ class _WebFiles:
         await self.static(scope, receive, send)
 
 
-async def _start_engine(app: FastAPI, model: object, settings: Settings, threads: int) -> None:
+async def _start_engines(app: FastAPI, loaded: list, settings: Settings, threads: int) -> None:
+    """Warm each model's engine up in turn (one device), then publish it; the server is ready when all are."""
     from service.engine.batcher import Engine, EngineSettings
 
     loop = asyncio.get_running_loop()
@@ -94,26 +97,29 @@ async def _start_engine(app: FastAPI, model: object, settings: Settings, threads
             loop.call_soon_threadsafe(mark_failed, app)
 
     factory = app.state.engine_factory or Engine  # tests wrap it to inject faults
-    engine = factory(
-        model,  # type: ignore[arg-type]
-        EngineSettings(
-            max_batch_rows=settings.max_batch_rows,
-            max_queue_rows=max(settings.max_queue_rows, settings.max_batch_rows),
-            max_rows_per_client=settings.max_rows_per_client,
-            request_timeout_s=settings.request_timeout_s,
-            batching=settings.batching,
-            dtype=settings.resolved_dtype(),
-            threads=threads,
-            compiled=settings.compiled,
-            cuda_graphs=settings.cuda_graphs,
-        ),
-        metrics=app.state.engine_metrics,
-        on_fatal=worker_died,
+    engine_settings = EngineSettings(
+        max_batch_rows=settings.max_batch_rows,
+        max_queue_rows=max(settings.max_queue_rows, settings.max_batch_rows),
+        max_rows_per_client=settings.max_rows_per_client,
+        request_timeout_s=settings.request_timeout_s,
+        batching=settings.batching,
+        dtype=settings.resolved_dtype(),
+        threads=threads,
+        compiled=settings.compiled,
+        cuda_graphs=settings.cuda_graphs,
     )
-    await engine.start()  # warm-up forwards on the worker thread
-    app.state.engine = engine
-    log.info("ready: model %s (sha256 %s) on %s, %s", engine.model_info.name, engine.model_info.sha256[:12],
-             engine.model_info.device, engine.model_info.dtype)
+    for served, model in loaded:
+        engine = factory(
+            model,  # type: ignore[arg-type]
+            engine_settings,
+            metrics=app.state.engine_metrics,
+            on_fatal=worker_died,
+            device_worker=app.state.device_worker,
+        )
+        await engine.start()  # warm-up forwards on the worker thread (or the shared device worker)
+        served.engine = engine
+        info = engine.model_info
+        log.info("ready: model %s (sha256 %s) on %s, %s", info.name, info.sha256[:12], info.device, info.dtype)
 
 
 def mark_failed(app: FastAPI) -> None:
@@ -126,16 +132,19 @@ def mark_failed(app: FastAPI) -> None:
 
 
 async def begin_drain(app: FastAPI) -> None:
-    """Refuse new work (``/readyz`` 503 "draining"), let in-flight requests finish, stop the engine."""
+    """Refuse new work (``/readyz`` 503 "draining"), let in-flight requests finish, stop the engines."""
     app.state.draining = True
     starting: asyncio.Task | None = getattr(app.state, "starting", None)
     if starting is not None and not starting.done():
         starting.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await starting
-    engine = getattr(app.state, "engine", None)
-    if engine is not None:
-        await engine.drain(app.state.settings.drain_timeout_s)
+    timeout = app.state.settings.drain_timeout_s
+    await asyncio.gather(*(engine.drain(timeout) for engine in app.state.models.engines()))
+    device_worker = app.state.device_worker
+    if device_worker is not None:
+        app.state.device_worker = None
+        await asyncio.to_thread(device_worker.close)
 
 
 @contextlib.asynccontextmanager
@@ -143,23 +152,33 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     from service.api.routes.noise import load_examples
     from service.diffusion.checkpoint import load_model
     from service.engine.batcher import claim_threads_for_worker
+    from service.engine.device import DeviceWorker
 
     settings: Settings = app.state.settings
     device = settings.resolved_device()
     threads = claim_threads_for_worker(settings.threads)  # before the loader thread's first op
-    model = await asyncio.to_thread(load_model, settings.model, device)  # sha256 verified
-    spec = model.spec
-    app.state.examples = load_examples(
-        settings.resolved_examples_dir(), spec.channels, spec.image_size, settings.max_image_pixels
-    )
-    log.info("loaded %s from %s on %s; %d example images", spec.name, settings.model, device, len(app.state.examples))
+    models: ServedModels = app.state.models
+    loaded = []
+    for index, path in enumerate(settings.model_paths()):
+        model = await asyncio.to_thread(load_model, path, device)  # sha256 verified
+        spec = model.spec
+        examples = load_examples(
+            settings.examples_dir_for(path, default=index == 0), spec.channels, spec.image_size,
+            settings.max_image_pixels,
+        )
+        served = ServedModel(spec.name, path, examples)
+        models.add(served)  # ValueError for a duplicate name: startup fails
+        loaded.append((served, model))
+        log.info("loaded %s from %s on %s; %d example images", spec.name, path, device, len(examples))
+    if len(loaded) > 1:  # one compute thread for all engines on the device (service/engine/device.py)
+        app.state.device_worker = DeviceWorker(threads)
 
     def _started(task: asyncio.Task) -> None:
         if not task.cancelled() and task.exception() is not None:
             log.error("engine failed to start: %r", task.exception())
             mark_failed(app)
 
-    app.state.starting = asyncio.create_task(_start_engine(app, model, settings, threads))
+    app.state.starting = asyncio.create_task(_start_engines(app, loaded, settings, threads))
     app.state.starting.add_done_callback(_started)
     try:
         yield
@@ -182,11 +201,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.api_keys = ApiKeys(settings.resolved_api_keys())  # empty: auth off (serve refuses that off loopback)
     app.state.registry = registry
     app.state.engine_metrics = EngineMetrics(registry)
-    app.state.engine = None
+    app.state.models = ServedModels()  # filled by the lifespan (DDPM_MODEL, or DDPM_MODELS)
+    app.state.device_worker = None  # several models: their engines' shared compute thread
     app.state.draining = False
     app.state.fatal = False
     app.state.engine_factory = None  # None: service.engine.batcher.Engine
-    app.state.examples = {}
     app.state.max_images = min(settings.max_images_per_request, settings.max_batch_rows)
     install_error_handlers(app)
     routers = (generate, noise, denoise, health, oip)

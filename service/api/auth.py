@@ -83,7 +83,7 @@ class ApiKeys:
 
 
 def _unauthorized(request: Request, detail: str) -> HTTPException:
-    request.app.state.engine_metrics.rejections.labels(reason="unauthorized").inc()
+    request.app.state.engine_metrics.rejections.labels(model="", reason="unauthorized").inc()
     return HTTPException(401, detail, headers=_CHALLENGE)
 
 

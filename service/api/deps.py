@@ -1,4 +1,4 @@
-"""FastAPI dependencies and helpers shared by the routes: the engine client, settings, disconnect watching."""
+"""FastAPI dependencies and helpers shared by the routes: the served model and its engine, settings, disconnects."""
 
 from __future__ import annotations
 
@@ -6,18 +6,24 @@ import asyncio
 import contextlib
 from typing import Annotated, TypeVar
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Query, Request
 
+from service.api.models import ServedModel, ServedModels
 from service.config import Settings
 from service.engine.client import EngineClient, EngineError, GenerationRequest, RequestHandle
 
 __all__ = [
     "ClientDisconnected",
     "EngineDep",
+    "ModelQuery",
+    "ReadyModelDep",
     "SettingsDep",
     "await_unless_disconnected",
+    "engine_for",
     "get_engine",
     "get_settings",
+    "ready_model",
+    "served_model",
     "submit",
     "wait_for_disconnect",
 ]
@@ -33,13 +39,55 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_engine(request: Request) -> EngineClient:
-    """The engine client; 503 (with Retry-After) while the model loads or warms up, and while draining."""
-    engine: EngineClient | None = getattr(request.app.state, "engine", None)
+def served_model(request: Request, name: str | None) -> ServedModel:
+    """The served model called ``name`` (None: the default one); 404 naming the served models otherwise.
+
+    Records the model for the HTTP metrics' ``model`` label.
+    """
+    models: ServedModels = request.app.state.models
+    served = models.get(name)
+    if served is None:
+        raise HTTPException(404, f"unknown model {name!r}; served models: {', '.join(models.names) or 'none yet'}")
+    request.scope.setdefault("state", {})["model"] = served.name
+    return served
+
+
+def ready_model(request: Request, name: str | None) -> ServedModel:
+    """The served model ``name`` (None: the default) with its engine ready; 404 for an unknown model, 503 (with
+    Retry-After) while it loads or warms up, and while draining."""
+    served = served_model(request, name)
+    engine = served.engine
     if engine is None or not engine.ready:
         state = "draining for shutdown" if getattr(request.app.state, "draining", False) else "loading or warming up"
-        raise HTTPException(503, f"not ready: the model is {state}", headers={"Retry-After": "5"})
+        raise HTTPException(503, f"not ready: model {served.name!r} is {state}", headers={"Retry-After": "5"})
+    return served
+
+
+def engine_for(request: Request, name: str | None) -> EngineClient:
+    """The ready engine of model ``name`` (:func:`ready_model`): for routes whose body names the model."""
+    engine = ready_model(request, name).engine
+    assert engine is not None
     return engine
+
+
+ModelQuery = Annotated[
+    str | None,
+    Query(max_length=256, description="the served model to use (GET /v1/models); default: the first one"),
+]
+
+
+def get_ready_model(request: Request, model: ModelQuery = None) -> ServedModel:
+    """Dependency: the ready model of the ``?model=`` query parameter (:func:`ready_model`)."""
+    return ready_model(request, model)
+
+
+ReadyModelDep = Annotated[ServedModel, Depends(get_ready_model)]
+
+
+def get_engine(served: ReadyModelDep) -> EngineClient:
+    """Dependency: the engine of the ``?model=`` query parameter."""
+    assert served.engine is not None
+    return served.engine
 
 
 EngineDep = Annotated[EngineClient, Depends(get_engine)]

@@ -56,6 +56,7 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's code for "the client went away"; never se
 _FASTAPI_BODY_ERROR = "There was an error parsing the body"
 _DESCRIPTIONS = {
     400: "Undecodable or oversized image",
+    404: "Unknown model (GET /v1/models lists the served ones) or example image",
     413: "Request body larger than DDPM_MAX_UPLOAD_BYTES",
     415: "Unsupported media type",
     422: "Invalid input (readable message in `detail`, one entry per field in `errors`)",

@@ -167,7 +167,8 @@ class HttpMetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            self.metrics.observe(route_label(scope), scope["method"], status, time.perf_counter() - start)
+            model = scope.get("state", {}).get("model", "")  # set by the route once it resolved its model (deps.py)
+            self.metrics.observe(route_label(scope), scope["method"], status, time.perf_counter() - start, model)
 
 
 class BodyLimitMiddleware:

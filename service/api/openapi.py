@@ -82,7 +82,7 @@ def _drop_unenforced_auth(doc: dict[str, Any], keys: bool, metrics_auth: bool) -
 
 
 def install_openapi(app: FastAPI) -> None:
-    """Replace ``app.openapi`` with a generator that adds the model's limits once the engine is up."""
+    """Replace ``app.openapi`` with a generator that adds the models' limits once their engines are up."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
@@ -101,12 +101,13 @@ def install_openapi(app: FastAPI) -> None:
                 schemas.setdefault(name, sub)
             schemas.setdefault(model.__name__, schema)
         _drop_unenforced_auth(doc, bool(app.state.api_keys), app.state.settings.metrics_auth)
-        engine = getattr(app.state, "engine", None)
-        if engine is None:
-            return doc  # model not loaded yet: generic limits, not cached
-        info = engine.model_info
-        shape = (info.channels, info.image_size, info.image_size)
-        _patch(doc, info.num_train_timesteps, shape, app.state.max_images)
+        engines = app.state.models.engines()
+        if not engines or len(engines) < len(app.state.models):
+            return doc  # models not loaded yet: generic limits, not cached
+        infos = [engine.model_info for engine in engines]  # the default model first
+        shape = (infos[0].channels, infos[0].image_size, infos[0].image_size)
+        big_t = max(info.num_train_timesteps for info in infos)  # several models: the limits of the largest T
+        _patch(doc, big_t, shape, app.state.max_images)
         app.openapi_schema = doc
         return doc
 

@@ -25,6 +25,7 @@ __all__ = [
     "GenerateResponse",
     "HealthResponse",
     "ModelResponse",
+    "ModelsResponse",
     "NoiseExamplesResponse",
     "NoiseResponse",
     "ProgressData",
@@ -76,6 +77,9 @@ class GenerateRequest(BaseModel):
         },
     )
 
+    model: str | None = Field(
+        None, max_length=256, description="the served model to use (GET /v1/models); default: the first one"
+    )
     num_images: int = Field(1, ge=1, description="1..DDPM_MAX_IMAGES_PER_REQUEST (see GET /v1/model)")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when absent; always reported back")
     sampler: SamplerLiteral = Field(  # type: ignore[valid-type]
@@ -101,6 +105,7 @@ class GenerateRequest(BaseModel):
 class GenerateResponse(BaseModel):
     """``format=json`` response of ``POST /generate`` (and the SSE ``result`` event)."""
 
+    model: str = Field(description="the model that generated the images")
     seed: int
     sampler: SamplerLiteral  # type: ignore[valid-type]
     steps: int
@@ -142,6 +147,9 @@ class DenoiseStepRequest(BaseModel):
         },
     )
 
+    model: str | None = Field(
+        None, max_length=256, description="the served model to use (GET /v1/models); default: the first one"
+    )
     x_t: str | None = Field(None, description=f"{_B64_NPY}, shape (C, H, W) or (1, C, H, W); or give `image`")
     image: str | None = Field(None, description="base64 PNG/JPEG taken as x_t (converted to the model's shape)")
     t: int = Field(ge=0, description="0-based timestep of x_t, 0..T-1")
@@ -223,7 +231,18 @@ class ModelResponse(BaseModel):
     default_timestep_spacing: dict[str, str] = Field(description="the model's spacing for each sampler")
     max_images_per_request: int
     examples: list[str] = Field(description="example images for GET /noise")
+    ready: bool = Field(description="its engine is warm and admits work")
+
+
+class ModelsResponse(BaseModel):
+    """``GET /v1/models``: every served model, the default (used when a request names none) first."""
+
+    default: str
+    models: list[ModelResponse]
 
 
 class HealthResponse(BaseModel):
     status: Literal["ok", "ready", "not ready", "draining", "failed"]
+    models: dict[str, Literal["ready", "not ready"]] | None = Field(
+        None, description="/readyz: each served model's readiness (the server is ready when all are)"
+    )

@@ -32,6 +32,7 @@ __all__ = [
     "DiffusionModel",
     "ModelSpec",
     "import_diffusers",
+    "is_model_folder",
     "load_model",
     "save_model",
     "sha256_file",
@@ -242,6 +243,12 @@ def _diffusers_spec(folder: Path, name: str | None) -> tuple[ModelSpec, Path]:
     if spec.variance_type not in ("fixed_small", "fixed_large"):
         raise CheckpointError(f"{sched_path}: unsupported variance_type {spec.variance_type!r}")
     return spec, weights
+
+
+def is_model_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds a model :func:`load_model` can read (a model-store entry or a diffusers folder)."""
+    store_entry = (folder / "config.json").is_file() and (folder / WEIGHTS_FILE).is_file()
+    return store_entry or _diffusers_paths(folder) is not None
 
 
 def load_model(folder: str | Path, device: str | torch.device = "cpu") -> DiffusionModel:

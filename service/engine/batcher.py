@@ -36,6 +36,9 @@ then sleep after ~100 spins and every one of a forward's hundreds of short paral
 On the 2-core development machine a 16-row bf16 forward took 37 ms on the worker when the main thread had
 run a 2-thread op before, 25 ms when it had not (docs/benchmarks.md). So a process that embeds the engine
 should keep other threads single-threaded from the start (the HTTP app does so before loading the model).
+A server with several models has one engine per model; their compute goes to one shared
+:class:`~service.engine.device.DeviceWorker` thread (``device_worker``) instead, so there is still one
+multi-threaded team, and each engine's own worker thread stays at one torch thread.
 The one case to set ``threads`` lower is a machine shared with other CPU-heavy processes: OpenMP workers
 spin while waiting for each other, and on this 2-core machine with a training run beside it a forward of
 the tiny test model took 5 ms with 1 thread and 155 ms with 2.
@@ -51,7 +54,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -74,12 +77,15 @@ from service.engine.client import (
     RequestCancelledError,
     RequestTimeoutError,
 )
+from service.engine.device import DeviceWorker
 from service.engine.handle import Handle, post
 from service.metrics import EngineMetrics
 
 __all__ = ["DTYPES", "Engine", "EngineSettings", "claim_threads_for_worker"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -160,7 +166,8 @@ class Engine:
     """Step-level continuous batching over one model (implements ``client.EngineClient``).
 
     ``runner`` replaces the UNet forward (default :class:`UNetRunner`; tests wrap it to inject faults);
-    ``on_fatal`` is called from the worker thread if the worker dies.
+    ``on_fatal`` is called from the worker thread if the worker dies; ``device_worker``, when given, runs this
+    engine's compute, shared with the other engines on the device (:mod:`service.engine.device`).
     """
 
     def __init__(
@@ -170,14 +177,17 @@ class Engine:
         metrics: EngineMetrics | None = None,
         runner: UNetRunner | None = None,
         on_fatal: Callable[[BaseException], None] | None = None,
+        device_worker: DeviceWorker | None = None,
     ) -> None:
         self.model = model
         self.settings = settings
         # Without an explicit EngineMetrics the engine keeps its metrics on a private registry (not exported).
-        self.metrics = metrics if metrics is not None else EngineMetrics(CollectorRegistry())
+        families = metrics if metrics is not None else EngineMetrics(CollectorRegistry())
+        self.metrics = families.for_model(model.spec.name)  # every series labelled model=<name>
         self._dtype = DTYPES[settings.dtype]
         self._device = next(model.unet.parameters()).device
-        self._threads = settings.threads or torch.get_num_threads()
+        self._device_worker = device_worker
+        self._threads = device_worker.threads if device_worker else settings.threads or torch.get_num_threads()
         self._forward = runner if runner is not None else UNetRunner(
             model, self._dtype, settings.compiled, settings.cuda_graphs
         )
@@ -199,7 +209,7 @@ class Engine:
             max_steps={name: s.max_steps(spec.num_train_timesteps) for name, s in SAMPLERS.items()},
             default_timestep_spacing={name: spec.default_spacing(name) for name in SAMPLERS},
         )
-        self.metrics.set_model(spec.name, model.sha256, str(self._device), settings.dtype)
+        self.metrics.set_model(model.sha256, str(self._device), settings.dtype)
         self.metrics.ready.set(0)
         self._cond = threading.Condition()  # guards everything below that both threads touch
         self._queue: FairQueue[_Entry] = FairQueue(settings.max_queue_rows, settings.max_rows_per_client)
@@ -238,6 +248,8 @@ class Engine:
             with self._cond:
                 self._stop = True
                 self._cond.notify_all()
+            # wait for it: a process that exits while a thread is inside a torch op aborts (SIGABRT)
+            await asyncio.to_thread(self._thread.join)
             raise
         with self._cond:
             self._accepting = True
@@ -421,8 +433,8 @@ class Engine:
     # ------------------------------------------------------------------------------ worker thread
     def _worker(self, started: concurrent.futures.Future[None]) -> None:
         try:
-            torch.set_num_threads(self._threads)
-            self._warm_up()
+            torch.set_num_threads(1 if self._device_worker is not None else self._threads)
+            self._on_device(self._warm_up)
         except BaseException as exc:
             started.set_exception(exc)
             return
@@ -463,6 +475,10 @@ class Engine:
             self._forward(x, t)
             self._step_seconds = time.perf_counter() - start
 
+    def _on_device(self, fn: Callable[[], T]) -> T:
+        """``fn()`` where this engine's compute runs: the shared device worker, or this worker thread."""
+        return fn() if self._device_worker is None else self._device_worker.run(fn)
+
     def _checked_forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """ε_θ(x, t), or NonFiniteOutputError when any value is NaN/Inf (it would only spread through the rows).
 
@@ -476,7 +492,7 @@ class Engine:
 
     def _run_job(self, job: _Job) -> None:
         try:
-            eps = self._checked_forward(job.x.to(self._device), job.t.to(self._device)).cpu()
+            eps = self._on_device(lambda: self._checked_forward(job.x.to(self._device), job.t.to(self._device)).cpu())
         except Exception as exc:  # a bad job must not kill the worker
             log.exception("predict_eps failed")
             error: BaseException = EngineError(f"UNet forward failed: {exc}")
@@ -624,16 +640,19 @@ class Engine:
             admitted = self._admit_locked()
             running = self._select_locked()
             self._set_gauges_locked()
+        def compute() -> None:  # on the device (the shared device worker, when there is one)
+            for e in admitted:
+                r = e.handle.request
+                e.group = RowGroup.start(self.model, r.num_images, r.seed, r.sampler, r.steps, r.eta,
+                                         r.timestep_spacing, self._device)
+                e.handle.admitted_at = now
+            groups = [e.group for e in running if e.group is not None]
+            batched_step(self.model, groups, self._dtype, self._checked_forward)
+
         try:
             if running:
                 r0 = time.perf_counter()
-                for e in admitted:
-                    r = e.handle.request
-                    e.group = RowGroup.start(self.model, r.num_images, r.seed, r.sampler, r.steps, r.eta,
-                                             r.timestep_spacing, self._device)
-                    e.handle.admitted_at = now
-                groups = [e.group for e in running if e.group is not None]
-                batched_step(self.model, groups, self._dtype, self._checked_forward)
+                self._on_device(compute)
                 seconds = time.perf_counter() - r0
         except Exception as exc:  # fail this batch's requests, keep the worker alive
             self._fail_batch(running, exc, calls)

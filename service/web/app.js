@@ -88,7 +88,7 @@ function useKey(ev) {
   $("auth-key").value = "";
   $("auth").hidden = true;
   showError($("auth-error"), "");
-  loadModelInfo().then(showNoise); // what the first 401 left empty
+  loadModels().then(loadModelInfo).then(showNoise); // what the first 401 left empty
 }
 
 /** fetch with the API key that throws an Error carrying the readable message when the status is not 2xx. */
@@ -262,10 +262,51 @@ const model = {
   defaultSpacing: {}, // {sampler: spacing}
 };
 
+/** The model picked in the header (GET /v1/models), or "" for the server's default. */
+function pickedModel() {
+  return $("model-select").value;
+}
+
+/** `model=<picked>&` for query strings ("" when the default is used). */
+function modelQuery() {
+  const name = pickedModel();
+  return name ? `model=${encodeURIComponent(name)}&` : "";
+}
+
+/** Fill the model menu from GET /v1/models; shown only when the server has more than one model. */
+async function loadModels() {
+  const select = $("model-select");
+  try {
+    const listing = await (await request("v1/models")).json();
+    const picked = select.value;
+    select.replaceChildren();
+    for (const m of listing.models) addOption(select, m.name, `${m.name} (${m.image_shape.join("×")})`);
+    const names = listing.models.map((m) => m.name);
+    select.value = names.includes(picked) ? picked : listing.default;
+    $("model-pick").hidden = names.length < 2;
+  } catch {
+    $("model-pick").hidden = true; // loadModelInfo reports the error
+  }
+}
+
+/** Another model picked: re-read its info, resize the controls, restart the forward and reverse views. */
+async function switchModel() {
+  await loadModelInfo();
+  uploaded = null;
+  $("fwd-upload").value = "";
+  $("fwd-clear-upload").hidden = true;
+  rev.x = null;
+  $("rev-step").disabled = true;
+  $("rev-play").disabled = true;
+  $("rev-t").textContent = "—";
+  $("gen-results").replaceChildren();
+  showNoise();
+}
+
 /** Read GET /v1/model (schemas.ModelResponse) and size the controls to the model. */
 async function loadModelInfo() {
   try {
-    const info = await (await request("v1/model")).json();
+    const info = await (await request(`v1/model?${modelQuery()}`)).json();
     model.T = info.num_train_timesteps;
     [model.channels, model.size] = info.image_shape;
     model.maxImages = info.max_images_per_request;
@@ -294,7 +335,7 @@ async function loadModelInfo() {
     opt.textContent = name;
     select.append(opt);
   }
-  if (!model.examples.length) select.disabled = true; // no bundled digits: upload one
+  select.disabled = !model.examples.length; // no bundled digits: upload one
 }
 
 /* ----------------------------------------------- 1. generate (SSE stream) */
@@ -367,6 +408,7 @@ async function* readSSE(body) {
 
 function generationBody() {
   const body = {
+    ...(pickedModel() ? { model: pickedModel() } : {}),
     num_images: Number($("gen-num").value),
     sampler: $("gen-sampler").value,
     steps: Number($("gen-steps").value),
@@ -458,7 +500,7 @@ async function showNoise() {
   const seq = ++fwdSeq;
   const seed = intOrNull($("fwd-seed")) ?? 0;
   try {
-    const query = `t=${t}&seed=${seed}&format=json`;
+    const query = `${modelQuery()}t=${t}&seed=${seed}&format=json`;
     let res;
     if (uploaded) {
       res = await request(`noise?${query}`, {
@@ -514,6 +556,7 @@ function startFromNoise() {
 async function denoiseStep() {
   if (rev.x === null || rev.t < 0) return false;
   const body = {
+    ...(pickedModel() ? { model: pickedModel() } : {}),
     x_t: bytesToB64(makeNpy(rev.x.shape, rev.x.data)),
     t: rev.t,
     seed: intOrNull($("rev-seed")) ?? 0, // z at step t: the draw /generate makes for image 0 with this seed
@@ -598,7 +641,9 @@ function debounce(fn, ms) {
 
 async function main() {
   $("auth-form").addEventListener("submit", useKey);
+  await loadModels();
   await loadModelInfo();
+  $("model-select").addEventListener("change", switchModel);
   $("gen-form").addEventListener("submit", generate);
   $("gen-cancel").addEventListener("click", () => genAbort?.abort());
   $("gen-sampler").addEventListener("change", applySampler);

@@ -155,6 +155,8 @@ def test_model_health_ready(server: Server) -> None:
     with Client(server.url) as client:
         info = client.model()
         assert client.health() and client.ready()
+        assert client.models() == [info] and client.model(info.name) == info
+    assert info.ready and info.name == "tiny-T1000"
     assert info.image_shape == [1, SIZE, SIZE] and info.num_train_timesteps == 1000
     assert tuple(info.samplers) == SAMPLER_NAMES and info.default_steps["ddim"] == 50
 

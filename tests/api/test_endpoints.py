@@ -50,8 +50,13 @@ def test_health_ready_and_model(server: Server, model_t1000: Path) -> None:
     c = server.client
     assert c.get("/healthz").json() == {"status": "ok"}
     r = c.get("/readyz")
-    assert r.status_code == 200 and r.json() == {"status": "ready"}
+    assert r.status_code == 200 and r.json() == {"status": "ready", "models": {"tiny-T1000": "ready"}}
     info = c.get("/v1/model").json()
+    assert info["name"] == "tiny-T1000" and info["ready"] is True
+    assert c.get("/v1/models").json() == {"default": "tiny-T1000", "models": [info]}
+    assert c.get("/v1/model", params={"model": "tiny-T1000"}).json() == info
+    missing = c.get("/v1/model", params={"model": "nope"})
+    assert missing.status_code == 404 and "served models: tiny-T1000" in missing.json()["detail"]
     assert info["sha256"] == hashlib.sha256((model_t1000 / "model.safetensors").read_bytes()).hexdigest()
     assert info["image_shape"] == [1, SIZE, SIZE]
     assert info["num_train_timesteps"] == T
@@ -77,11 +82,13 @@ def test_metrics_exposes_engine_and_http(server: Server) -> None:
     server.client.post("/generate", json={"sampler": "ddim", "steps": 3, "seed": 1})
     r = server.client.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    assert server.metric("ddpm_http_requests_total", route="/generate", method="POST", status="200") >= 1
-    assert server.metric("ddpm_http_request_duration_seconds_count", route="/generate", method="POST") >= 1
-    assert server.metric("ddpm_requests_total", outcome="ok") >= 1
-    assert server.metric("ddpm_engine_iterations_total") >= 3
-    assert server.metric("ddpm_ready") == 1
+    model = {"model": "tiny-T1000"}
+    assert server.metric("ddpm_http_requests_total", route="/generate", method="POST", status="200", **model) >= 1
+    assert server.metric("ddpm_http_request_duration_seconds_count", route="/generate", method="POST", **model) >= 1
+    assert server.metric("ddpm_http_requests_total", route="/metrics", method="GET", status="200", model="") >= 0
+    assert server.metric("ddpm_requests_total", outcome="ok", **model) >= 1
+    assert server.metric("ddpm_engine_iterations_total", **model) >= 3
+    assert server.metric("ddpm_ready", **model) == 1
     for name in ("ddpm_queue_depth_rows", "ddpm_active_rows", "ddpm_batch_rows_count", "ddpm_step_duration_seconds"):
         assert name in r.text
 
@@ -92,7 +99,7 @@ def test_openapi_and_docs(server: Server) -> None:
     assert ops >= {
         ("/generate", "post"), ("/generate/stream", "post"), ("/noise", "get"), ("/noise", "post"),
         ("/noise/examples", "get"), ("/denoise-step", "post"), ("/metrics", "get"), ("/healthz", "get"),
-        ("/readyz", "get"), ("/v1/model", "get"),
+        ("/readyz", "get"), ("/v1/model", "get"), ("/v1/models", "get"),
     }
     schemas = doc["components"]["schemas"]
     assert schemas["DenoiseStepRequest"]["properties"]["t"]["maximum"] == T - 1  # the model's own limit

@@ -19,7 +19,7 @@ def test_engine_metrics_follow_requests_through_the_engine(tiny_model: Diffusion
     metrics = EngineMetrics(registry)
 
     def value(metric: str, **labels: str) -> float:
-        v = registry.get_sample_value(metric, labels)
+        v = registry.get_sample_value(metric, {"model": "tiny", **labels})
         assert v is not None, f"{metric}{labels} is not exported"
         return v
 
@@ -70,29 +70,49 @@ def test_engine_metrics_follow_requests_through_the_engine(tiny_model: Diffusion
     assert iterations == stats["iterations"] == value("ddpm_step_duration_seconds_count")
     assert value("ddpm_batch_rows_count") == iterations
     assert 3 <= value("ddpm_time_to_first_step_seconds_count") <= 4  # the queued one never took a step
-    labels = {"name": "tiny", "sha256": tiny_model.sha256, "device": "cpu", "dtype": "float32"}
+    labels = {"sha256": tiny_model.sha256, "device": "cpu", "dtype": "float32"}
     assert value("ddpm_model_info", **labels) == 1.0
     assert "# TYPE ddpm_model_info gauge" in generate_latest(registry).decode()
 
 
-def test_model_info_carries_name_sha256_device_dtype(tiny_model: DiffusionModel) -> None:
+def test_model_info_carries_model_sha256_device_dtype(tiny_model: DiffusionModel) -> None:
     registry = CollectorRegistry()
     Engine(tiny_model, EngineSettings(dtype="bfloat16"), EngineMetrics(registry))
-    labels = {"name": "tiny", "sha256": tiny_model.sha256, "device": "cpu", "dtype": "bfloat16"}
+    labels = {"model": "tiny", "sha256": tiny_model.sha256, "device": "cpu", "dtype": "bfloat16"}
     assert registry.get_sample_value("ddpm_model_info", labels) == 1.0
-    assert registry.get_sample_value("ddpm_ready") == 0.0
+    assert registry.get_sample_value("ddpm_ready", {"model": "tiny"}) == 0.0
+
+
+def test_two_models_on_one_registry_have_separate_series() -> None:
+    registry = CollectorRegistry()
+    families = EngineMetrics(registry)
+    a, b = families.for_model("a"), families.for_model("b")
+    a.requests.labels(outcome="ok").inc(3)
+    b.requests.labels(outcome="ok").inc()
+    a.batch_rows.observe(4)
+    b.ready.set(1)
+    get = registry.get_sample_value
+    assert get("ddpm_requests_total", {"model": "a", "outcome": "ok"}) == 3
+    assert get("ddpm_requests_total", {"model": "b", "outcome": "ok"}) == 1
+    assert get("ddpm_requests_total", {"model": "b", "outcome": "error"}) == 0  # exported before the first event
+    assert get("ddpm_batch_rows_count", {"model": "a"}) == 1 and get("ddpm_batch_rows_count", {"model": "b"}) == 0
+    assert (get("ddpm_ready", {"model": "a"}), get("ddpm_ready", {"model": "b"})) == (0, 1)
+    assert get("ddpm_rejected_requests_total", {"model": "", "reason": "unauthorized"}) == 0
 
 
 def test_http_metrics() -> None:
     registry = CollectorRegistry()
     http = HttpMetrics(registry)
-    http.observe("/v1/generate", "POST", 200, 0.3)
-    http.observe("/v1/generate", "POST", 429, 0.001)
-    http.observe("/v1/generate", "POST", 200, 0.5)
+    http.observe("/v1/generate", "POST", 200, 0.3, "mnist")
+    http.observe("/v1/generate", "POST", 429, 0.001, "mnist")
+    http.observe("/v1/generate", "POST", 200, 0.5, "mnist")
+    http.observe("/healthz", "GET", 200, 0.001)
     get = registry.get_sample_value
-    assert get("ddpm_http_requests_total", {"route": "/v1/generate", "method": "POST", "status": "200"}) == 2
-    assert get("ddpm_http_requests_total", {"route": "/v1/generate", "method": "POST", "status": "429"}) == 1
-    labels = {"route": "/v1/generate", "method": "POST"}
+    post = {"route": "/v1/generate", "method": "POST", "model": "mnist"}
+    assert get("ddpm_http_requests_total", {**post, "status": "200"}) == 2
+    assert get("ddpm_http_requests_total", {**post, "status": "429"}) == 1
+    assert get("ddpm_http_requests_total", {"route": "/healthz", "method": "GET", "status": "200", "model": ""}) == 1
+    labels = post
     assert get("ddpm_http_request_duration_seconds_count", labels) == 3
     assert get("ddpm_http_request_duration_seconds_bucket", {**labels, "le": "0.25"}) == 1
     assert get("ddpm_http_request_duration_seconds_sum", labels) == pytest.approx(0.801)

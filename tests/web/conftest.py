@@ -61,6 +61,14 @@ def web_auth_server(web_model_dir: Path) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="session")
+def web_two_models_server(web_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Base URL of a server with two models (DDPM_MODELS): ``tiny`` (8×8, the default) and ``tiny12`` (12×12)."""
+    second = make_tiny_model(tmp_path_factory.mktemp("web-model-12") / "tiny12", size=12, name="tiny12")
+    with running_server(web_model_dir, models=f"{web_model_dir},{second}") as url:
+        yield url
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     """Headless Chromium, for one test module.
@@ -115,6 +123,13 @@ def _opened(item: pytest.Item) -> list[_OpenPage]:
 def page(browser: Browser, web_server: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Page]:
     """The web page served by ``web_server``."""
     yield from _open_page(browser, web_server, request, tmp_path)
+
+
+@pytest.fixture
+def two_models_page(browser: Browser, web_two_models_server: str, request: pytest.FixtureRequest, tmp_path: Path
+                    ) -> Iterator[Page]:
+    """The web page served by ``web_two_models_server``."""
+    yield from _open_page(browser, web_two_models_server, request, tmp_path)
 
 
 @pytest.fixture

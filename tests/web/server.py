@@ -30,10 +30,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_tiny_model(folder: Path, size: int = 8) -> Path:
+def make_tiny_model(folder: Path, size: int = 8, name: str = "tiny") -> Path:
     """A random-weight model-store entry (T = 1000, grey size×size) with two example digits for /noise."""
     torch.manual_seed(0)
-    spec = ModelSpec(name="tiny", unet=tiny_unet_config(size))
+    spec = ModelSpec(name=name, unet=tiny_unet_config(size))
     out = save_model(spec, UNet(spec.unet), folder)
     examples = out / "examples"
     examples.mkdir(exist_ok=True)

@@ -328,3 +328,21 @@ def test_api_key_prompt_after_401_then_generates(auth_page: Page) -> None:
     generate(p, 2, "ddim", 3)
     expect(p.locator("#gen-results img")).to_have_count(2, timeout=30_000)
     expect(p.locator("#gen-error")).to_be_hidden()
+
+
+def test_model_picker_switches_every_panel(two_models_page: Page, page: Page) -> None:
+    expect(page.locator("#model-pick")).to_be_hidden()  # one model: no picker
+    p = two_models_page
+    expect(p.locator("#model-pick")).to_be_visible()
+    assert options(p, "#model-select") == ["tiny", "tiny12"]
+    expect(p.locator("#model-info")).to_contain_text("1×8×8")
+    p.locator("#model-select").select_option("tiny12")
+    expect(p.locator("#model-info")).to_contain_text("tiny12")
+    expect(p.locator("#model-info")).to_contain_text("1×12×12")
+    generate(p, 2, "ddim", 3)
+    expect_images(p, 2, size=12)
+    expect(p.locator("#fwd-image")).to_have_js_property("naturalWidth", 12)  # GET /noise?model=tiny12
+    p.locator("#rev-start").click()
+    p.locator("#rev-step").click()
+    expect(p.locator("#rev-t")).to_have_text("998")  # POST /denoise-step {model: tiny12}
+    expect(p.locator("#rev-error")).to_be_hidden()

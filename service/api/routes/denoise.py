@@ -11,10 +11,10 @@ from __future__ import annotations
 import secrets
 
 import torch
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from service.api.auth import AUTH_RESPONSES, RequireApiKey
-from service.api.deps import EngineDep, SettingsDep
+from service.api.deps import SettingsDep, engine_for
 from service.api.encoding import InputError, b64_npy, b64_png, decode_b64, decode_image, decode_npy
 from service.api.errors import error_responses, invalid
 from service.api.schemas import DenoiseStepRequest, DenoiseStepResponse
@@ -60,9 +60,9 @@ def _x_t(body: DenoiseStepRequest, shape: tuple[int, int, int], max_pixels: int)
     "/denoise-step",
     summary="One reverse diffusion step, with all intermediates",
     response_model=DenoiseStepResponse,
-    responses=error_responses(422, 429, 503),
+    responses=error_responses(404, 422, 429, 503),
 )
-async def denoise_step(body: DenoiseStepRequest, engine: EngineDep, settings: SettingsDep) -> DenoiseStepResponse:
+async def denoise_step(body: DenoiseStepRequest, request: Request, settings: SettingsDep) -> DenoiseStepResponse:
     """x_{t-1} = μ̃_t(x_t, x̂_0) + σ_t z for one x_t at 0-based timestep `t` (0..T-1).
 
     Returns ε_θ, x̂_0, the posterior mean, the noise z added and the schedule's scalars at t, so that
@@ -71,6 +71,7 @@ async def denoise_step(body: DenoiseStepRequest, engine: EngineDep, settings: Se
     With `seed`, z is the very draw `POST /generate` makes at t for image 0 of that seed
     (ddpm, steps = T), so calling this from t = T-1 down to 0 on that request's x_T reproduces its image.
     """
+    engine = engine_for(request, body.model)
     info = engine.model_info
     big_t = info.num_train_timesteps
     if body.t >= big_t:

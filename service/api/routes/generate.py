@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from service.api.auth import AUTH_RESPONSES, RequireApiKey
-from service.api.deps import ClientDisconnected, EngineDep, SettingsDep, await_unless_disconnected, submit
+from service.api.deps import ClientDisconnected, SettingsDep, await_unless_disconnected, engine_for, submit
 from service.api.encoding import b64_png
 from service.api.errors import CLIENT_CLOSED_REQUEST, engine_error_status, error_body, error_responses, invalid
 from service.api.middleware import log_fields, request_id
@@ -24,7 +24,10 @@ __all__ = ["client_id", "generation_request", "result_payload", "router"]
 
 router = APIRouter(tags=["generate"], dependencies=[RequireApiKey], responses=AUTH_RESPONSES)
 
-_SEED_HEADER = {"X-Seed": {"description": "the seed used (reproduces the images)", "schema": {"type": "integer"}}}
+_SEED_HEADER = {
+    "X-Seed": {"description": "the seed used (reproduces the images)", "schema": {"type": "integer"}},
+    "X-Model": {"description": "the model that generated the images", "schema": {"type": "string"}},
+}
 _GENERATE_200 = {
     "description": "png: one image, or a grid when num_images > 1; json: base64 PNGs; npy: float32 (N, C, H, W)",
     "headers": _SEED_HEADER,
@@ -57,7 +60,7 @@ _STREAM_200 = {
         }
     },
 }
-_ERRORS = error_responses(422, 429, 500, 503, 504)
+_ERRORS = error_responses(404, 422, 429, 500, 503, 504)
 
 
 def client_id(request: Request) -> str:
@@ -108,8 +111,9 @@ def generation_request(
     )
 
 
-def result_payload(result: GenerationResult) -> dict:
+def result_payload(result: GenerationResult, model: str) -> dict:
     return GenerateResponse(
+        model=model,
         seed=result.seed,
         sampler=result.sampler,
         steps=result.steps,
@@ -128,7 +132,7 @@ def result_payload(result: GenerationResult) -> dict:
     response_class=Response,
     responses={200: _GENERATE_200, **_ERRORS},
 )
-async def generate(body: GenerateRequest, request: Request, engine: EngineDep, settings: SettingsDep) -> Response:
+async def generate(body: GenerateRequest, request: Request, settings: SettingsDep) -> Response:
     """Sample `num_images` images with one of the samplers of `GET /v1/model`.
 
     `ddpm` is ancestral sampling (Ho et al. 2020, Algorithm 2), `ddim` DDIM (Song et al. 2021);
@@ -138,6 +142,7 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, s
     `sampler`, `steps`, `timestep_spacing` and `eta` always give the same images. A client that
     disconnects cancels its request.
     """
+    engine = engine_for(request, body.model)
     log_fields(request.scope, sampler=body.sampler, images=body.num_images)
     greq = generation_request(body, engine, settings, request)
     handle = submit(engine, greq)
@@ -149,14 +154,15 @@ async def generate(body: GenerateRequest, request: Request, engine: EngineDep, s
     except EngineError as exc:
         status, detail, headers = engine_error_status(exc)
         return Response(json.dumps(error_body(request, detail)), status, headers, media_type="application/json")
-    headers = {"X-Seed": str(result.seed)}
+    headers = {"X-Seed": str(result.seed), "X-Model": engine.model_info.name}
     if body.format == "png":
         image = result.images[0] if result.images.shape[0] == 1 else grid(result.images)
         return Response(png_bytes(image), media_type="image/png", headers=headers)
     if body.format == "npy":
         headers["Content-Disposition"] = f'attachment; filename="ddpm-{result.seed}.npy"'
         return Response(npy_bytes(result.images), media_type="application/x-npy", headers=headers)
-    return Response(json.dumps(result_payload(result)), media_type="application/json", headers=headers)
+    payload = result_payload(result, engine.model_info.name)
+    return Response(json.dumps(payload), media_type="application/json", headers=headers)
 
 
 def _sse(event: str, data: dict) -> bytes:
@@ -177,9 +183,7 @@ def _progress(event: ProgressEvent) -> dict:
     response_class=StreamingResponse,
     responses={200: _STREAM_200, **_ERRORS},
 )
-async def generate_stream(
-    body: GenerateRequest, request: Request, engine: EngineDep, settings: SettingsDep
-) -> StreamingResponse:
+async def generate_stream(body: GenerateRequest, request: Request, settings: SettingsDep) -> StreamingResponse:
     """Same body as `POST /generate` (`format` is ignored: the result event always carries base64 PNGs).
 
     Errors found before sampling starts (422, 429, 503) are plain HTTP errors; later ones arrive as an `error`
@@ -187,6 +191,7 @@ async def generate_stream(
     come every `DDPM_PREVIEW_EVERY` steps (default: about 10 per request). Closing the connection cancels the
     request.
     """
+    engine = engine_for(request, body.model)
     log_fields(request.scope, sampler=body.sampler, images=body.num_images)
     greq = generation_request(body, engine, settings, request, previews=True)
     handle = submit(engine, greq)
@@ -204,10 +209,11 @@ async def generate_stream(
                 yield _sse("error", StreamErrorData(status=status, **error_body(request, detail)).model_dump())
                 return
             finished = True
-            yield _sse("result", result_payload(result))
+            yield _sse("result", result_payload(result, engine.model_info.name))
         finally:
             if not finished:  # the client went away (the response task was cancelled) or sending failed
                 handle.cancel()
 
-    headers = {"X-Seed": str(greq.seed), "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    headers = {"X-Seed": str(greq.seed), "X-Model": engine.model_info.name, "Cache-Control": "no-cache",
+               "X-Accel-Buffering": "no"}
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)

@@ -7,10 +7,11 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api.auth import AUTH_RESPONSES, RequireApiKey, RequireMetricsKey
+from service.api.deps import ModelQuery, served_model
 from service.api.errors import error_responses
-from service.api.schemas import HealthResponse, ModelResponse, ScheduleInfo
+from service.api.models import ServedModel, ServedModels
+from service.api.schemas import HealthResponse, ModelResponse, ModelsResponse, ScheduleInfo
 from service.diffusion.samplers import SAMPLERS
-from service.engine.client import EngineClient
 
 __all__ = ["router"]
 
@@ -40,33 +41,26 @@ async def healthz(request: Request) -> JSONResponse:
     "/readyz",
     summary="Readiness",
     response_model=HealthResponse,
-    responses={503: {"model": HealthResponse, "description": "model not loaded/warm yet, or draining"}},
+    responses={503: {"model": HealthResponse, "description": "a model not loaded/warm yet, or draining"}},
 )
 async def readyz(request: Request) -> JSONResponse:
-    """200 once the model is loaded and warm and the engine admits work; 503 before that, while draining and
-    once the engine failed."""
-    engine: EngineClient | None = getattr(request.app.state, "engine", None)
-    if engine is not None and engine.ready:
-        return JSONResponse({"status": "ready"})
+    """200 once every served model is loaded and warm and its engine admits work; 503 before that, while
+    draining and once an engine failed. `models` gives each model's readiness."""
+    models: ServedModels = request.app.state.models
+    each = {m.name: "ready" if m.ready else "not ready" for m in models}
+    if models.ready and not getattr(request.app.state, "draining", False):
+        return JSONResponse({"status": "ready", "models": each})
     if _failed(request):
         status = "failed"
     else:
         status = "draining" if getattr(request.app.state, "draining", False) else "not ready"
-    return JSONResponse({"status": status}, status_code=503)
+    return JSONResponse({"status": status, "models": each}, status_code=503)
 
 
-@router.get(
-    "/v1/model",
-    summary="The served model",
-    response_model=ModelResponse,
-    responses={**AUTH_RESPONSES, **error_responses(503)},
-    dependencies=[RequireApiKey],
-)
-async def model(request: Request) -> ModelResponse:
-    """Name, sha256 of the weights, image shape, T, noise schedule, variance type, device, dtype, samplers."""
-    engine: EngineClient | None = getattr(request.app.state, "engine", None)
+def _describe(request: Request, served: ServedModel) -> ModelResponse:
+    engine = served.engine
     if engine is None:
-        raise HTTPException(503, "not ready: the model is loading", headers={"Retry-After": "5"})
+        raise HTTPException(503, f"not ready: model {served.name!r} is loading", headers={"Retry-After": "5"})
     info = engine.model_info
     big_t = info.num_train_timesteps
     betas = info.schedule.betas
@@ -92,8 +86,38 @@ async def model(request: Request) -> ModelResponse:
         timestep_spacings={name: list(s.spacings) for name, s in SAMPLERS.items()},
         default_timestep_spacing=info.default_timestep_spacing,
         max_images_per_request=request.app.state.max_images,
-        examples=list(getattr(request.app.state, "examples", {})),
+        examples=list(served.examples),
+        ready=served.ready,
     )
+
+
+@router.get(
+    "/v1/model",
+    summary="A served model",
+    response_model=ModelResponse,
+    responses={**AUTH_RESPONSES, **error_responses(404, 422, 503)},
+    dependencies=[RequireApiKey],
+)
+async def model(request: Request, model: ModelQuery = None) -> ModelResponse:
+    """Name, sha256 of the weights, image shape, T, noise schedule, variance type, device, dtype, samplers — of
+    `?model=` (default: the first served model)."""
+    return _describe(request, served_model(request, model))
+
+
+@router.get(
+    "/v1/models",
+    summary="Every served model",
+    response_model=ModelsResponse,
+    responses={**AUTH_RESPONSES, **error_responses(503)},
+    dependencies=[RequireApiKey],
+)
+async def models(request: Request) -> ModelsResponse:
+    """The served models (`DDPM_MODELS`), each as `GET /v1/model` describes it; requests without `model` use
+    `default`."""
+    served: ServedModels = request.app.state.models
+    if served.default is None:
+        raise HTTPException(503, "not ready: the models are loading", headers={"Retry-After": "5"})
+    return ModelsResponse(default=served.default.name, models=[_describe(request, m) for m in served])
 
 
 @router.get(

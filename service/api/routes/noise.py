@@ -14,7 +14,7 @@ import torch
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 
 from service.api.auth import AUTH_RESPONSES, RequireApiKey
-from service.api.deps import EngineDep, SettingsDep
+from service.api.deps import EngineDep, ModelQuery, ReadyModelDep, SettingsDep, served_model
 from service.api.encoding import (
     IMAGE_MEDIA_TYPES,
     InputError,
@@ -167,10 +167,10 @@ def _render(
     summary="Forward process on an example image",
     response_class=Response,
     openapi_extra={"parameters": [TS_PARAM]},
-    responses={200: _NOISE_200, 404: {"description": "unknown example image, or none shipped"}, **error_responses(422)},
+    responses={200: _NOISE_200, **error_responses(404, 422)},
 )
 async def noise_example(
-    engine: EngineDep,
+    served: ReadyModelDep,
     request: Request,
     t: TQuery = None,
     image: Annotated[str | None, Query(max_length=128, description="example name (GET /noise/examples)")] = None,
@@ -185,21 +185,27 @@ async def noise_example(
     paper's 1-based notation), t = T-1 is (nearly) pure noise. `ts=0,100,200` returns a strip with
     one x_t per listed t, all sharing the same ε.
     """
-    examples: dict[str, torch.Tensor] = request.app.state.examples
+    examples = served.examples
     if not examples:
         raise HTTPException(404, "no example images are shipped with this model; POST an image to /noise instead")
     name = image if image is not None else next(iter(examples))
     if name not in examples:
         raise HTTPException(404, f"unknown example image {name!r}; available: {', '.join(examples)}")
-    info = engine.model_info
+    assert served.engine is not None
+    info = served.engine.model_info
     steps = _timesteps(t, request, info.num_train_timesteps)
     return _render(name, examples[name], info.schedule, steps, seed, format, include, scale)
 
 
-@router.get("/noise/examples", summary="Example images for GET /noise", response_model=NoiseExamplesResponse)
-async def noise_examples(request: Request) -> NoiseExamplesResponse:
+@router.get(
+    "/noise/examples",
+    summary="Example images for GET /noise",
+    response_model=NoiseExamplesResponse,
+    responses=error_responses(404, 422),
+)
+async def noise_examples(request: Request, model: ModelQuery = None) -> NoiseExamplesResponse:
     """Names accepted by `GET /noise?image=` (PNG files shipped next to the model)."""
-    return NoiseExamplesResponse(images=list(getattr(request.app.state, "examples", {})))
+    return NoiseExamplesResponse(images=list(served_model(request, model).examples))
 
 
 async def _read_body(request: Request) -> bytes:
@@ -224,7 +230,7 @@ _UPLOAD_BODY = {
     summary="Forward process on an uploaded image",
     response_class=Response,
     openapi_extra={"requestBody": _UPLOAD_BODY, "parameters": [TS_PARAM]},
-    responses={200: _NOISE_200, **error_responses(400, 413, 415, 422)},
+    responses={200: _NOISE_200, **error_responses(400, 404, 413, 415, 422)},
 )
 async def noise_upload(
     engine: EngineDep,

@@ -2,7 +2,8 @@
 
 A thin face over the same engine as ``/generate``: the input tensors become a ``GenerateRequest`` that goes
 through ``generation_request`` and ``submit``, so the limits, fair share, auth, metrics and disconnect → cancel are
-the same. The served model is the one model of ``GET /v1/model``, version ``1``; any other name or version is 404.
+the same. Every served model (``GET /v1/models``) is a v2 model of that name, version ``1``; any other name or
+version is 404.
 ``/v2/health/*`` stay open, as ``/healthz`` and ``/readyz`` (orchestrators probe them without keys); every other
 ``/v2`` route needs the API key. Errors are the protocol's ``{"error": "..."}`` (``service.api.errors`` renders
 them under ``/v2``; invalid input is 400 there, not 422). Tensor encoding is in ``service.api.oip_tensors``.
@@ -19,9 +20,17 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, ValidationError
 
 from service.api.auth import RequireApiKey
-from service.api.deps import ClientDisconnected, EngineDep, SettingsDep, await_unless_disconnected, submit
+from service.api.deps import (
+    ClientDisconnected,
+    SettingsDep,
+    await_unless_disconnected,
+    engine_for,
+    served_model,
+    submit,
+)
 from service.api.errors import CLIENT_CLOSED_REQUEST
 from service.api.middleware import log_fields
+from service.api.models import ServedModel
 from service.api.oip_tensors import (
     HEADER_LENGTH,
     InferenceRequest,
@@ -128,13 +137,18 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": InferenceErrorResponse, "description": _DESCRIPTIONS[code]} for code in codes}
 
 
-def _served(engine: EngineClient, name: str, version: str | None) -> None:
-    """404 unless ``name`` (and ``version``, if given) is the served model."""
-    served = engine.model_info.name
-    if name != served:
-        raise HTTPException(404, f"unknown model {name!r}; this server serves {served!r}")
+def _model(request: Request, name: str, version: str | None) -> ServedModel:
+    """The served model ``name`` (at ``version``, if given); 404 for any other."""
+    served = served_model(request, name)
     if version is not None and version != VERSION:
         raise HTTPException(404, f"model {name!r} has no version {version!r}; versions: {VERSION}")
+    return served
+
+
+def _engine(request: Request, name: str, version: str | None) -> EngineClient:
+    """The ready engine of model ``name`` (404 unknown, 503 loading or draining)."""
+    _model(request, name, version)
+    return engine_for(request, name)
 
 
 # ------------------------------------------------------------------------------------------------ health
@@ -146,16 +160,11 @@ async def server_live(request: Request) -> JSONResponse:
     return JSONResponse({"live": live}, status_code=200 if live else 503)
 
 
-def _ready(request: Request) -> bool:
-    engine: EngineClient | None = getattr(request.app.state, "engine", None)
-    return engine is not None and engine.ready
-
-
 @router.get("/health/ready", summary="Server ready (OIP)", response_model=ServerReadyResponse,
             responses={503: {"model": ServerReadyResponse, "description": "loading, warming up, draining or failed"}})
 async def server_ready(request: Request) -> JSONResponse:
-    """200 once the model is loaded and warm, as `/readyz`; 503 before that, while draining and once failed."""
-    ready = _ready(request)
+    """200 once every model is loaded and warm, as `/readyz`; 503 before that, while draining and once failed."""
+    ready = request.app.state.models.ready and not request.app.state.draining
     return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
 
@@ -171,10 +180,7 @@ _MODEL_READY: dict[str, Any] = {
 @router.get("/models/{name}/versions/{version}/ready", summary="Model version ready (OIP)", **_MODEL_READY)
 async def model_ready(name: str, request: Request, version: str | None = None) -> JSONResponse:
     """200 when the model is ready for inference; 503 while it loads, warms up or drains; 404 for other models."""
-    engine: EngineClient | None = getattr(request.app.state, "engine", None)
-    if engine is not None:
-        _served(engine, name, version)
-    ready = _ready(request)
+    ready = _model(request, name, version).ready and not request.app.state.draining
     return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
 
 
@@ -193,9 +199,9 @@ _MODEL_METADATA: dict[str, Any] = {
 
 @router.get("/models/{name}", summary="Model metadata (OIP)", **_MODEL_METADATA)
 @router.get("/models/{name}/versions/{version}", summary="Model version metadata (OIP)", **_MODEL_METADATA)
-async def model_metadata(name: str, engine: EngineDep, version: str | None = None) -> ModelMetadataResponse:
+async def model_metadata(name: str, request: Request, version: str | None = None) -> ModelMetadataResponse:
     """The model's inputs (each of shape [1]; `num_images` and `sampler` required) and outputs (-1: N images)."""
-    _served(engine, name, version)
+    engine = _engine(request, name, version)
     info = engine.model_info
     image = [-1, info.channels, info.image_size, info.image_size]
     return ModelMetadataResponse(
@@ -275,8 +281,7 @@ _INFER: dict[str, Any] = {
 
 @router.post("/models/{name}/infer", summary="Inference (OIP)", **_INFER)
 @router.post("/models/{name}/versions/{version}/infer", summary="Model version inference (OIP)", **_INFER)
-async def infer(name: str, request: Request, engine: EngineDep, settings: SettingsDep,
-                version: str | None = None) -> Response:
+async def infer(name: str, request: Request, settings: SettingsDep, version: str | None = None) -> Response:
     """Generate images from named tensors: `num_images` (INT32), `sampler` (BYTES), optional `seed` (INT64),
     `steps` (INT32), `eta` (FP32), `timestep_spacing` (BYTES), each of shape [1], as in `POST /generate`.
 
@@ -284,7 +289,7 @@ async def infer(name: str, request: Request, engine: EngineDep, settings: Settin
     `outputs`); `parameters.binary_data` (per output) or `binary_data_output` (request) sends them as binary data
     after the JSON. The same seed and options give the same images as `/generate`. Disconnecting cancels the request.
     """
-    _served(engine, name, version)
+    engine = _engine(request, name, version)
     try:
         body, tensors = decode_request(await request.body(), request.headers.get(HEADER_LENGTH))
         wanted = _requested(body)

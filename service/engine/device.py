@@ -1,0 +1,64 @@
+"""One thread per device that runs the compute of every engine on it, in arrival order.
+
+A server with several models has one engine per model (its own queue, admission and rows). Their
+iterations could each run on the engine's own worker thread, but on a CPU two multi-threaded torch
+workers fight for the same cores: each keeps its own OpenMP team, libgomp stops spin-waiting once a
+process holds more OpenMP threads than CPUs, and every short parallel region then pays a wake-up
+(the engine module's "Threads"). So engines that share a device hand their compute (warm-up, the
+UNet forward and the per-row updates of an iteration, ``predict_eps`` jobs) to one
+:class:`DeviceWorker`: a single thread with the device's intra-op threads, served first in, first
+out. Each engine has at most one call outstanding, so busy engines alternate forward by forward —
+every model makes progress, and a model's share of the device is one forward per turn.
+``bench/multi_model.py`` measures this against one worker thread per engine.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import queue
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+__all__ = ["DeviceWorker"]
+
+T = TypeVar("T")
+
+_STOP = object()
+
+
+class DeviceWorker:
+    """A thread running ``torch`` with ``threads`` intra-op threads; :meth:`run` executes a callable on it."""
+
+    def __init__(self, threads: int, name: str = "ddpm-device") -> None:
+        self.threads = threads
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()  # FIFO: callers are served in arrival order
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, fn: Callable[[], T]) -> T:
+        """``fn()`` on the device thread; blocks the caller until it returns, re-raising what it raised."""
+        if not self._thread.is_alive():
+            raise RuntimeError("the device worker is closed")
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._calls.put((fn, future))
+        return future.result()
+
+    def close(self) -> None:
+        """Finish the calls already queued, then stop the thread."""
+        if self._thread.is_alive():
+            self._calls.put(_STOP)
+            self._thread.join()
+
+    def _loop(self) -> None:
+        torch.set_num_threads(self.threads)
+        while (item := self._calls.get()) is not _STOP:
+            fn, future = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # handed to the caller; the device thread serves the next call
+                future.set_exception(exc)
