@@ -86,11 +86,47 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_image(path: str, channels: int, size: int, mask: bool = False):
+    """``--init-image`` / ``--mask``: (C, H, W) float32, from a PNG/JPEG or a .npy.
+
+    Images are converted to the model's channels and size as training data are (grey/RGB, bicubic resize) and
+    mapped to [-1, 1]; a mask PNG is read as grey, resized with nearest neighbour and thresholded (white = 1 =
+    regenerate). A .npy is taken as it is ((H, W), (C, H, W) or (1, C, H, W); init images in [-1, 1], masks
+    thresholded at 0.5).
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    p = Path(path)
+    try:
+        if p.suffix.lower() == ".npy":
+            arr = np.load(p, allow_pickle=False).astype(np.float32)
+            arr = arr[0] if arr.ndim == 4 and arr.shape[0] == 1 else arr
+            arr = arr[None] if arr.ndim == 2 else arr
+            if mask:
+                arr = (arr >= 0.5).astype(np.float32)
+            return torch.from_numpy(np.ascontiguousarray(arr))
+        with Image.open(p) as im:
+            if mask:
+                grey = im.convert("L").resize((size, size), Image.Resampling.NEAREST)
+                return torch.from_numpy((np.asarray(grey) >= 128).astype(np.float32))[None]
+            im = im.convert("L" if channels == 1 else "RGB")
+            if im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.BICUBIC)
+            arr = np.asarray(im, dtype=np.float32)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: cannot read {path}: {exc}") from exc
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return torch.from_numpy(arr / 127.5 - 1.0)
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
     from service.diffusion.checkpoint import load_model
+    from service.diffusion.conditioning import DEFAULT_GUIDANCE_SCALE, Conditioning, default_guidance_scale
     from service.diffusion.pipeline import prepare_unet, sample
     from service.diffusion.runner import UNetRunner
     from service.imaging import grid, png_bytes
@@ -109,13 +145,32 @@ def cmd_sample(args: argparse.Namespace) -> int:
         init = torch.from_numpy(np.load(args.init_noise, allow_pickle=False)).float()
     num = args.num or (init.shape[0] if init is not None else 16)
     steps, spacing = _sampler_settings(model, args.sampler, args.steps, args.timestep_spacing)
+    spec = model.spec
+    conditioning = None
+    try:
+        asked = (args.init_image, args.mask, args.class_label, args.guidance_scale)
+        if any(a is not None for a in asked) or args.strength != 1.0 or args.jump_n_sample != 1:
+            scale = args.guidance_scale
+            if scale is None and args.class_label is not None:
+                recommended = default_guidance_scale(model)
+                scale = DEFAULT_GUIDANCE_SCALE if recommended is None else recommended
+            conditioning = Conditioning(
+                _read_image(args.init_image, spec.channels, spec.image_size) if args.init_image else None,
+                args.strength,
+                _read_image(args.mask, spec.channels, spec.image_size, mask=True) if args.mask else None,
+                args.class_label, scale or 0.0, args.jump_length, args.jump_n_sample,
+            )
+            conditioning.check(model, args.sampler, steps)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
     batch = args.batch or num
     forward = UNetRunner(model, dtype, args.compiled)
     forward.prepare(batch)
-    bar = Progress(steps * -(-num // batch), desc=f"{args.sampler}-{steps}")
+    row_steps = conditioning.row_steps(steps) if conditioning is not None else steps
+    bar = Progress(row_steps * -(-num // batch), desc=f"{args.sampler}-{steps}")
     try:
         images = sample(model, num, args.seed, args.sampler, steps, args.eta, init, batch, dtype,
-                        progress=bar.update, spacing=spacing, forward=forward)
+                        progress=bar.update, spacing=spacing, forward=forward, conditioning=conditioning)
     except ValueError as exc:  # e.g. --init-noise of the wrong shape
         raise SystemExit(f"error: {exc}") from exc
     bar.close()
@@ -167,6 +222,20 @@ def cmd_train_classifier(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     fit_and_save(args.data, args.labels, args.out, args.test_data, args.test_labels, args.holdout, args.split_seed,
                  args.epochs, args.seed)
+    return 0
+
+
+def cmd_train_guidance_classifier(args: argparse.Namespace) -> int:
+    import torch
+
+    from service.train_guidance import fit_and_save
+
+    torch.set_num_threads(args.threads)
+    try:
+        fit_and_save(args.model, args.data, args.labels, args.test_data, args.test_labels, args.out, args.steps,
+                     args.batch_size, args.lr, args.widths, args.blocks, args.max_shift, args.seed)
+    except ValueError as exc:  # labels that do not fit the images, a config the widths cannot build
+        raise SystemExit(f"error: {exc}") from exc
     return 0
 
 
@@ -282,6 +351,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     _sampler_arguments(s, default="ddpm")
     s.add_argument("--init-noise", default=None, help=".npy x_T of shape (N, C, H, W)")
+    s.add_argument("--init-image", default=None,
+                   help="image-to-image / inpainting input: PNG/JPEG (converted to the model's channels and size) "
+                   "or .npy (C, H, W) in [-1, 1]")
+    s.add_argument("--strength", type=float, default=1.0,
+                   help="image-to-image: share of the sampler's steps run from the noised --init-image, in (0, 1]; "
+                   "1 = plain generation")
+    s.add_argument("--mask", default=None,
+                   help="inpainting: PNG (white = regenerate) or .npy in {0, 1} (1 = regenerate)")
+    s.add_argument("--jump-length", type=int, default=1, help="inpainting: RePaint resampling jump (ddpm/ddim)")
+    s.add_argument("--jump-n-sample", type=int, default=1,
+                   help="inpainting: RePaint resampling passes, 1..10 (1 = none)")
+    s.add_argument("--class-label", type=int, default=None, help="classifier guidance towards this class "
+                   "(models with a guidance classifier)")
+    s.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier guidance scale s >= 0; default: the classifier's recommended scale, else 1")
     s.add_argument("--batch", type=int, default=None)
     s.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default="float32")
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -341,6 +425,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--threads", type=int, default=1)
     c.set_defaults(func=cmd_train_classifier)
+    g = sub.add_parser("train-guidance-classifier",
+                       help="train the noise-aware classifier p(y | x_t, t) for classifier guidance")
+    g.add_argument("--model", default="model_store/mnist", help="model-store entry whose noise schedule is used")
+    g.add_argument("--data", required=True, help="training images (MNIST IDX .gz/raw, folder or .npz)")
+    g.add_argument("--labels", required=True, help="IDX label file of --data")
+    g.add_argument("--test-data", required=True, help="the test split it is scored on (e.g. MNIST t10k)")
+    g.add_argument("--test-labels", required=True)
+    g.add_argument("--out", default=None, help="folder for guidance_classifier.{safetensors,json} (default: --model)")
+    g.add_argument("--steps", type=int, default=4000)
+    g.add_argument("--batch-size", type=int, default=128)
+    g.add_argument("--lr", type=float, default=4e-3)
+    g.add_argument("--widths", type=_ints, default=(16, 24, 64), help="channels per resolution level")
+    g.add_argument("--blocks", type=_ints, default=(0, 1, 2), help="residual blocks per level")
+    g.add_argument("--max-shift", type=int, default=1, help="random translation of x_0 in pixels (0 = off)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, default=1)
+    g.set_defaults(func=cmd_train_guidance_classifier)
     return p
 
 

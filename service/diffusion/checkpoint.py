@@ -6,6 +6,7 @@ A model-store entry is a folder::
                         "sampling": {"timestep_spacing" (one, or one per sampler), "steps_offset", …},
                         "image": {"channels", "size", "value_range"}, "weights": {"file", "sha256"}}
     model.safetensors  the UNet state dict (diffusers UNet2DModel key names)
+    guidance_classifier.{json,safetensors}  optional: the classifier of classifier guidance (diffusion/guidance.py)
 
 Only safetensors are read on this path: a pickle is code execution. A diffusers ``UNet2DModel``
 folder (``config.json`` + ``diffusion_pytorch_model.safetensors`` [+ ``scheduler_config.json``],
@@ -19,6 +20,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -26,6 +28,9 @@ from safetensors.torch import load_file, save_file
 from service.diffusion.samplers import SAMPLERS, SamplerOptions, Spacing, get_sampler
 from service.diffusion.schedule import NoiseSchedule, VarianceType
 from service.diffusion.unet import UNet, UNetConfig, convert_legacy_attention_keys
+
+if TYPE_CHECKING:
+    from service.diffusion.guidance import GuidanceClassifier
 
 __all__ = [
     "CheckpointError",
@@ -155,6 +160,7 @@ class DiffusionModel:
     schedule: NoiseSchedule
     sha256: str
     folder: Path | None = None  # where it was loaded from (compiled artifacts live in <folder>/compiled)
+    guidance: GuidanceClassifier | None = None  # p(y | x_t, t) for classifier guidance, when the entry has one
 
     @property
     def name(self) -> str:
@@ -275,6 +281,9 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> Diffus
         actual = sha256_file(weights)
     model = _build(spec, load_file(str(weights)), actual, device)
     model.folder = folder
+    from service.diffusion.guidance import load_guidance_classifier  # it imports this module
+
+    model.guidance = load_guidance_classifier(folder, device, spec=spec)
     return model
 
 

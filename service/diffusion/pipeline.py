@@ -2,7 +2,8 @@
 
 Each image's randomness comes from its own generator, :func:`~service.diffusion.rows.row_generator`
 (seed, index), and every step is :func:`~service.diffusion.rows.batched_step`, so ``sample`` gives
-the same images as the serving engine for the same seed, sampler, steps, spacing and η.
+the same images as the serving engine for the same seed, sampler, steps, spacing and η — and the same
+conditioning (:mod:`service.diffusion.conditioning`: image-to-image, inpainting, classifier guidance).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from service.diffusion.checkpoint import DiffusionModel
+from service.diffusion.conditioning import Conditioning
 from service.diffusion.rows import RowGroup, batched_step
 from service.diffusion.samplers import Spacing, get_sampler
 
@@ -45,11 +47,14 @@ def sample(
     progress: Callable[[int], None] | None = None,
     spacing: Spacing | None = None,
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    conditioning: Conditioning | None = None,
 ) -> torch.Tensor:
     """``num`` images (N, C, H, W) float32 in [-1, 1]; ``progress`` is called with each finished step count.
 
     ``spacing`` defaults to the model's spacing for ``sampler`` (``ModelSpec.default_spacing``); ``forward``
     computes ε_θ (default: the eager UNet in ``dtype``; e.g. a prepared :class:`~service.diffusion.runner.UNetRunner`).
+    ``conditioning`` applies to every image (ValueError when the model or plan cannot run it); its steps per
+    batch are those of its plan (fewer for image-to-image, more with resampling).
     """
     spec = model.spec
     device = torch.device(device) if device is not None else next(model.unet.parameters()).device
@@ -62,7 +67,8 @@ def sample(
     for start in range(0, num, batch):
         n = min(batch, num - start)
         init = init_noise[start : start + n] if init_noise is not None else None
-        group = RowGroup.start(model, n, seed, sampler, steps, eta, spacing, device, init_noise=init, first_row=start)
+        group = RowGroup.start(model, n, seed, sampler, steps, eta, spacing, device, init_noise=init, first_row=start,
+                               conditioning=conditioning)
         while not group.done:
             batched_step(model, [group], dtype, forward)
             if progress is not None:

@@ -6,18 +6,25 @@ The rows of a request form a :class:`RowGroup`: its images x (n, C, H, W), its s
 (:func:`row_generator` (seed, i)). x_T is drawn first from each row's generator, then the noise of
 every stochastic step, so a request's images do not depend on which other rows shared its forwards.
 The offline pipeline and the serving engine both run :func:`batched_step`.
+
+A group may carry its request's conditioning (:mod:`service.diffusion.conditioning`: image-to-image,
+inpainting, classifier guidance): it changes the group's plan and start, shifts its ε after the shared
+forward (one batched classifier gradient over all guided rows) and its x after the sampler's update. Groups
+without one run exactly as plain generation, at the same cost.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from service.diffusion.checkpoint import DiffusionModel
+from service.diffusion.conditioning import Conditioning, RowConditioning, after_step, conditioned_plan, guide
 from service.diffusion.samplers import Plan, Rows, Sampler, SamplerOptions, Spacing, get_sampler
 from service.diffusion.schedule import NoiseSchedule
 
@@ -80,6 +87,7 @@ class RowGroup:
     history: torch.Tensor | None = field(default=None, repr=False)  # sampler state, (n, slots, C, H, W)
     index: int = 0  # steps already taken; plan.timesteps[index] is the current t
     pred_x0: torch.Tensor | None = field(default=None, repr=False)  # x̂_0 of the last step, (n, C, H, W)
+    cond: RowConditioning | None = field(default=None, repr=False)  # the request's conditioning; None = plain
 
     @classmethod
     def start(
@@ -94,20 +102,32 @@ class RowGroup:
         device: torch.device | str = "cpu",
         init_noise: torch.Tensor | None = None,
         first_row: int = 0,
+        conditioning: Conditioning | None = None,
     ) -> RowGroup:
         """New rows at x_T ~ N(0, I) drawn from each row's own generator (or ``init_noise``, (n, C, H, W)).
 
-        Rows are numbered from ``first_row`` (an offline batch that is not the request's first).
+        Rows are numbered from ``first_row`` (an offline batch that is not the request's first). With
+        ``conditioning`` the rows run its plan from its start (image-to-image: q(x_t | x_0) from that same first
+        draw); ValueError when this model or plan cannot run it.
         """
         s = get_sampler(sampler)
         plan = _plan(s, model.schedule, steps, spacing or model.spec.default_spacing(sampler), model.spec.options)
+        cond = None
+        if conditioning is not None:
+            conditioning.check(model, sampler, steps)
+            effective = conditioning.effective()
+            if effective is not None:
+                plan, jumps = conditioned_plan(plan, effective)
+                cond = RowConditioning.prepare(effective, num, device, jumps)
         gens = [row_generator(seed, r) for r in range(first_row, first_row + num)]
         shape = (num, model.spec.channels, model.spec.image_size, model.spec.image_size)
         x = make_noise(shape, gens, device)
         if init_noise is not None:
             x = init_noise.to(device, torch.float32)
+        if cond is not None:
+            x = cond.start(plan, x)
         history = torch.zeros(num, s.history_slots, *shape[1:], device=device) if s.history_slots else None
-        return cls(x=x, sampler=s, plan=plan, eta=float(eta), generators=gens, history=history)
+        return cls(x=x, sampler=s, plan=plan, eta=float(eta), generators=gens, history=history, cond=cond)
 
     @property
     def rows(self) -> int:
@@ -140,6 +160,23 @@ class RowGroup:
         return 0 if self.history is None else self.history.numel() * self.history.element_size()
 
 
+def _guided_eps(
+    model: DiffusionModel, groups: list[RowGroup], x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
+) -> torch.Tensor:
+    """ε of the stacked rows of ``groups`` with the guided rows shifted by their classifier's gradient (eq. 14)."""
+    if model.guidance is None:
+        raise ValueError("guided rows need a model with a guidance classifier")
+    index, labels, coef, start = [], [], [], 0
+    for g in groups:
+        if g.cond is not None and g.cond.labels is not None:
+            index.append(torch.arange(start, start + g.rows))
+            labels.append(g.cond.labels)
+            coef += [g.cond.scale * math.sqrt(1.0 - g.plan.alphas_cumprod[g.index])] * g.rows  # s √(1 − ᾱ_t)
+        start += g.rows
+    return guide(model.guidance, x, t, eps, to_device(torch.cat(index), x.device), torch.cat(labels),
+                 to_device(torch.tensor(coef), x.device))
+
+
 @torch.inference_mode()
 def batched_step(
     model: DiffusionModel,
@@ -151,6 +188,7 @@ def batched_step(
 
     ``forward(x, t)`` computes ε_θ in float32 (default: :func:`predict_eps` with ``dtype``). Updates each
     group's ``x``, ``pred_x0``, ``history`` and ``index`` in place. Groups that are done must not be passed.
+    Guided groups need ``model.guidance``.
     """
     if not groups:
         return
@@ -161,6 +199,9 @@ def batched_step(
     t = to_device(torch.tensor([g.t for g in groups for _ in range(g.rows)], dtype=torch.long), device)  # (B,)
     # 2. one forward: ε_θ(x_t, t) for all rows at their own t
     eps = forward(x, t) if forward is not None else predict_eps(model.unet, x, t, dtype)
+    # 2b. classifier guidance — ε − s √(1−ᾱ_t) ∇ log p(y | x_t, t): ONE batched gradient over the guided rows only
+    if any(g.cond is not None and g.cond.guided for g in groups):
+        eps = _guided_eps(model, groups, x, t, eps)
     # 3. per sampler, one vectorised update; z from each row's own generator (zeros where no noise is added)
     start = 0
     for _, members in itertools.groupby(groups, key=lambda g: g.sampler.name):
@@ -173,8 +214,11 @@ def batched_step(
         history = torch.cat([g.history for g in gs]) if gs[0].history is not None else None
         out = gs[0].sampler.step(Rows(x[rows], eps[rows], noise, history, [g.plan for g in gs],
                                       [g.index for g in gs], [g.eta for g in gs], sizes))
-        # 4. hand each group its rows back
+        # 4. hand each group its rows back (conditioned ones after RePaint's replacement and resampling jumps)
         hists = out.history.split(sizes) if out.history is not None else [None] * len(gs)
         for g, xs, ps, hs in zip(gs, out.prev_sample.split(sizes), out.pred_x0.split(sizes), hists, strict=True):
+            if g.cond is not None:
+                xs, ps, hs = after_step(g.cond, g.plan, g.index, g.x, xs, ps, hs, g.sampler.corrected_x_slot,
+                                        lambda g=g: make_noise(tuple(g.x.shape), g.generators, device))
             g.x, g.pred_x0, g.history = xs, ps, hs
             g.index += 1

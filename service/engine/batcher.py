@@ -60,6 +60,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from service.diffusion.checkpoint import DiffusionModel
+from service.diffusion.conditioning import default_guidance_scale, num_classes, supported_conditioning
 from service.diffusion.pipeline import default_steps, prepare_unet
 from service.diffusion.rows import RowGroup, batched_step
 from service.diffusion.runner import Compiled, UNetRunner
@@ -138,7 +139,8 @@ class _Entry:
 
     @property
     def rows(self) -> int:
-        return self.handle.request.num_images
+        """Rows it counts in the queue bound and the batch: a guided row weighs more (GenerationRequest.queue_rows)."""
+        return self.handle.request.queue_rows
 
     @property
     def client(self) -> str | None:
@@ -208,6 +210,9 @@ class Engine:
             default_steps={name: default_steps(model, name) for name in SAMPLERS},
             max_steps={name: s.max_steps(spec.num_train_timesteps) for name, s in SAMPLERS.items()},
             default_timestep_spacing={name: spec.default_spacing(name) for name in SAMPLERS},
+            conditioning=supported_conditioning(model),
+            num_classes=num_classes(model.guidance) if model.guidance is not None else None,
+            default_guidance_scale=default_guidance_scale(model),
         )
         self.metrics.set_model(model.sha256, str(self._device), settings.dtype)
         self.metrics.ready.set(0)
@@ -390,6 +395,13 @@ class Engine:
             raise ValueError(f"timeout_s must be > 0, got {r.timeout_s}")
         if r.preview_every < 0:
             raise ValueError(f"preview_every must be >= 0, got {r.preview_every}")
+        if r.queue_rows > limit:  # a guided row weighs more in the queue bound (GenerationRequest.queue_rows)
+            weight = r.queue_rows // r.num_images
+            raise ValueError(f"guided rows count {weight}x: num_images must be in 1..{limit // weight} "
+                             f"(max_batch_rows={limit}), got {r.num_images}")
+        conditioning = r.conditioning(self.model)  # ValueError: ranges, shapes, classes, strength vs steps
+        if conditioning is not None:
+            conditioning.check(self.model, r.sampler, r.steps)
 
     def _submit_loop(self) -> asyncio.AbstractEventLoop:
         try:
@@ -644,7 +656,7 @@ class Engine:
             for e in admitted:
                 r = e.handle.request
                 e.group = RowGroup.start(self.model, r.num_images, r.seed, r.sampler, r.steps, r.eta,
-                                         r.timestep_spacing, self._device)
+                                         r.timestep_spacing, self._device, conditioning=r.conditioning(self.model))
                 e.handle.admitted_at = now
             groups = [e.group for e in running if e.group is not None]
             batched_step(self.model, groups, self._dtype, self._checked_forward)

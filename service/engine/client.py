@@ -8,14 +8,19 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from service.diffusion.conditioning import DEFAULT_GUIDANCE_SCALE, Conditioning, default_guidance_scale
 from service.diffusion.samplers import Spacing
 from service.diffusion.schedule import NoiseSchedule, VarianceType
 
+if TYPE_CHECKING:
+    from service.diffusion.checkpoint import DiffusionModel
+
 __all__ = [
+    "GUIDED_ROW_WEIGHT",
     "ClientQuotaError",
     "EngineClient",
     "EngineError",
@@ -63,6 +68,9 @@ class RequestCancelledError(EngineError):
     """The request was cancelled (e.g. the client disconnected)."""
 
 
+GUIDED_ROW_WEIGHT = 2  # a guided row counts as 2 rows in the queue bound (GenerationRequest.queue_rows)
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     num_images: int  # rows of this request, 1..max_images_per_request
@@ -75,6 +83,37 @@ class GenerationRequest:
     preview_every: int = 0  # emit a predicted-x_0 preview every k steps (0 = progress only)
     client: str | None = None  # whose share of the queue it uses (engine/admission.py); None = in-process caller
     request_id: str | None = None  # the caller's id for logs and error messages (HTTP: X-Request-ID)
+    # conditioning (service.diffusion.conditioning), shared by all rows of the request:
+    init_image: torch.Tensor | None = field(default=None, repr=False, compare=False)  # (C, H, W) in [-1, 1]
+    strength: float = 1.0  # image-to-image: (0, 1], share of the plan run from the noised init_image; 1 = plain
+    mask: torch.Tensor | None = field(default=None, repr=False, compare=False)  # (H, W) or (1|C, H, W); 1 = regenerate
+    class_label: int | None = None  # classifier guidance towards this class (models with a guidance classifier)
+    guidance_scale: float | None = None  # s >= 0; None = the classifier's recommended scale (else 1.0)
+    jump_length: int = 1  # inpainting: RePaint resampling jump (with jump_n_sample > 1; ddpm/ddim)
+    jump_n_sample: int = 1  # inpainting: RePaint resampling passes per jump point, 1..10; 1 = none
+
+    @property
+    def guided(self) -> bool:
+        return self.class_label is not None and self.guidance_scale != 0
+
+    @property
+    def queue_rows(self) -> int:
+        """Rows this request counts in the queue bound: a guided row weighs :data:`GUIDED_ROW_WEIGHT` (its classifier
+        gradient costs extra work every step); image-to-image, inpainting and plain rows weigh 1."""
+        return self.num_images * (GUIDED_ROW_WEIGHT if self.guided else 1)
+
+    def conditioning(self, model: DiffusionModel) -> Conditioning | None:
+        """The request's :class:`~service.diffusion.conditioning.Conditioning` (None when plain), with the model's
+        default guidance scale filled in; ValueError for values out of range (``Conditioning.check`` does the rest)."""
+        plain = (self.init_image is None and self.mask is None and self.class_label is None and self.strength == 1.0
+                 and self.guidance_scale is None and self.jump_n_sample == 1 and self.jump_length == 1)
+        if plain:
+            return None
+        scale = self.guidance_scale
+        if scale is None:
+            scale = default_guidance_scale(model) if self.class_label is not None else 0.0
+        return Conditioning(self.init_image, self.strength, self.mask, self.class_label,
+                            DEFAULT_GUIDANCE_SCALE if scale is None else scale, self.jump_length, self.jump_n_sample)
 
 
 @dataclass(frozen=True)
@@ -112,6 +151,9 @@ class ModelInfo:
     default_steps: dict[str, int] = field(default_factory=dict)  # per sampler name
     max_steps: dict[str, int] = field(default_factory=dict)  # per sampler name
     default_timestep_spacing: dict[str, Spacing] = field(default_factory=dict)  # per sampler name
+    conditioning: tuple[str, ...] = ()  # what requests may ask for: image_to_image, inpainting, class_guidance
+    num_classes: int | None = None  # class_label range 0..num_classes-1 (None: no guidance classifier)
+    default_guidance_scale: float | None = None  # the scale a guided request without one gets
 
 
 class RequestHandle(Protocol):

@@ -46,6 +46,7 @@ class Plan:
     alphas_cumprod: tuple[float, ...]  # float64 ᾱ of x at step i
     alphas_cumprod_next: tuple[float, ...]  # float64 ᾱ after step i; 1.0 = clean data
     options: SamplerOptions
+    first: int = 0  # index of step 0 in the sampler's full sequence (> 0: an image-to-image tail of it)
     _memo: dict = field(default_factory=dict, repr=False)  # coefficients already computed, by (kind, i, η)
 
     def __len__(self) -> int:
@@ -120,6 +121,7 @@ class Sampler(ABC):
     default_spacing: Spacing  # diffusers' default for that class
     default_steps: int | None  # None = T
     history_slots: int = 0  # x-shaped tensors kept per row between steps
+    corrected_x_slot: int | None = None  # history slot holding a corrected copy of x (UniC), or None
     uses_eta: bool = False
 
     def max_steps(self, num_train_timesteps: int) -> int:

@@ -33,11 +33,15 @@ class DPMSolverPP(MultistepSolver):
         self.history_slots = order - 1  # x̂_0 of the previous steps, newest first
 
     def order_at(self, plan: Plan, i: int) -> int:
-        """diffusers' order rule: warm up one order per step; first order into σ = 0; ≤ 2nd just before it."""
+        """diffusers' order rule: warm up one order per step; first order into σ = 0; ≤ 2nd just before it.
+
+        The warm-up counts the steps this plan ran (a tail starts at first order, as diffusers' img2img does);
+        "fewer than 15 steps" is about the whole sequence (diffusers' ``len(timesteps)``).
+        """
         n = len(plan)
         if self.order == 1 or i < 1 or i == n - 1:
             return 1
-        if self.order == 2 or i < 2 or (plan.options.lower_order_final and n < 15 and i == n - 2):
+        if self.order == 2 or i < 2 or (plan.options.lower_order_final and plan.first + n < 15 and i == n - 2):
             return 2
         return 3
 

@@ -48,6 +48,7 @@ class UniPC(MultistepSolver):
     def __init__(self, name: str = "unipc", order: int = 2) -> None:
         self.name, self.order = name, order
         self.history_slots = 1 + order  # x_s before its predictor (for UniC), then x̂_0 of the last `order` steps
+        self.corrected_x_slot = 0  # the corrected x_s replaces x_s: inpainting keeps its known pixels there too
 
     def order_at(self, plan: Plan, i: int) -> int:
         """Order of the predictor at step i: warm-up min(i+1, order), and ≤ steps left with ``lower_order_final``."""
