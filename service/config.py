@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(5 * 1024 * 1024, ge=1, description="request bodies above this → 413")
     max_image_pixels: int = Field(4096 * 4096, ge=1, description="uploaded images above this many pixels → 400")
     preview_every: int = Field(0, ge=0, description="SSE preview every k steps; 0 = about 10 per request")
+    sse_keep_alive_s: float = Field(
+        15.0, gt=0, description="SSE: a ': keep-alive' comment after this many seconds without an event (proxies)"
+    )
 
     def resolved_device(self) -> str:
         """``auto`` → ``cuda`` when torch sees a GPU, else ``cpu``."""

@@ -25,6 +25,8 @@ __all__ = [
     "b64_png",
     "decode_b64",
     "decode_image",
+    "decode_image_field",
+    "decode_mask_field",
     "decode_npy",
     "sniff_image_type",
 ]
@@ -131,3 +133,45 @@ def decode_image(data: bytes, channels: int, size: int, max_pixels: int) -> torc
         raise InputError(f"cannot decode image: {exc}") from exc
     arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # (C, H, W)
     return torch.from_numpy(arr / 127.5 - 1.0).float()
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def decode_image_field(text: str, field: str, shape: tuple[int, int, int], max_pixels: int) -> torch.Tensor:
+    """A base64 JSON field holding a PNG/JPEG (converted as :func:`decode_image`) or a float ``.npy`` (C, H, W) in
+    [-1, 1] (exact shape required) → (C, H, W) float32."""
+    data = decode_b64(text, field)
+    if data.startswith(_NPY_MAGIC):
+        x = decode_npy(data, field, shape)
+        if float(x.abs().max()) > 1.0:
+            raise InputError(f"{field}: .npy values must be in [-1, 1], got up to {float(x.abs().max()):.3g}")
+        return x
+    if sniff_image_type(data) is None:
+        raise InputError(f"{field}: neither a PNG, a JPEG nor a .npy file")
+    try:
+        return decode_image(data, shape[0], shape[1], max_pixels)
+    except InputError as exc:
+        raise InputError(f"{field}: {exc}") from exc
+
+
+def decode_mask_field(text: str, field: str, shape: tuple[int, int, int], max_pixels: int) -> torch.Tensor:
+    """An inpainting mask, 1 = regenerate: a PNG/JPEG (grey, white = regenerate, resized to the model's size and
+    thresholded at 50 %) or a ``.npy`` of shape (1, H, W) or (C, H, W) (values ≥ 0.5 regenerate) → {0, 1} float32."""
+    c, h, w = shape
+    data = decode_b64(text, field)
+    if data.startswith(_NPY_MAGIC):
+        try:
+            m = decode_npy(data, field, (1, h, w))
+        except InputError:
+            if c == 1:
+                raise
+            m = decode_npy(data, field, shape)
+        return (m >= 0.5).float()
+    if sniff_image_type(data) is None:
+        raise InputError(f"{field}: neither a PNG, a JPEG nor a .npy file")
+    try:
+        grey = decode_image(data, 1, h, max_pixels)  # [-1, 1]
+    except InputError as exc:
+        raise InputError(f"{field}: {exc}") from exc
+    return (grey >= 0.0).float()

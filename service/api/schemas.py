@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.diffusion.conditioning import MAX_GUIDANCE_SCALE, MAX_JUMP_N_SAMPLE
 from service.diffusion.samplers import SAMPLER_NAMES, SPACINGS
 
 __all__ = [
@@ -73,6 +74,7 @@ class GenerateRequest(BaseModel):
                 {"num_images": 4, "seed": 42, "sampler": "dpmpp_2m", "steps": 15, "format": "png"},
                 {"num_images": 4, "seed": 42, "sampler": "ddim", "steps": 50, "timestep_spacing": "trailing"},
                 {"num_images": 1, "sampler": "ddpm", "format": "json"},
+                {"num_images": 4, "sampler": "ddim", "steps": 50, "class_label": 7},
             ]
         },
     )
@@ -99,6 +101,33 @@ class GenerateRequest(BaseModel):
     )
     format: Literal["png", "json", "npy"] = Field(
         "png", description="png: one image or a grid; json: base64 PNGs; npy: float32 (N, C, H, W) in [-1, 1]"
+    )
+    # steering the reverse process (service/diffusion/conditioning.py); GET /v1/model lists what a model supports
+    init_image: str | None = Field(
+        None, description="image-to-image (SDEdit) / inpainting source: base64 PNG/JPEG (converted to the model's "
+        "channels and size) or base64 float32 .npy (C, H, W) in [-1, 1]"
+    )
+    strength: float = Field(
+        1.0, gt=0.0, le=1.0, description="image-to-image: how much of the sampler's steps run from init_image "
+        "noised to the matching t (diffusers' img2img rule); 1 = plain generation (init_image ignored unless a mask "
+        "is given)"
+    )
+    mask: str | None = Field(
+        None, description="inpainting (RePaint), with init_image: base64 PNG/JPEG, white = regenerate (converted to "
+        "the model's size, threshold 50 %), or base64 .npy (1 or C, H, W) with 1 = regenerate; the other pixels "
+        "keep init_image exactly"
+    )
+    jump_length: int = Field(1, ge=1, description="inpainting: RePaint resampling jump length (ddpm, ddim)")
+    jump_n_sample: int = Field(
+        1, ge=1, le=MAX_JUMP_N_SAMPLE, description="inpainting: RePaint resampling passes per jump (1 = none)"
+    )
+    class_label: int | None = Field(
+        None, ge=0, description="classifier guidance toward this class (models with a guidance classifier: "
+        "GET /v1/model num_classes)"
+    )
+    guidance_scale: float | None = Field(
+        None, ge=0.0, le=MAX_GUIDANCE_SCALE, description="classifier guidance scale s (Dhariwal & Nichol eq. 14); "
+        "default: the model's recommended scale (GET /v1/model default_guidance_scale)"
     )
 
 
@@ -232,6 +261,11 @@ class ModelResponse(BaseModel):
     max_images_per_request: int
     examples: list[str] = Field(description="example images for GET /noise")
     ready: bool = Field(description="its engine is warm and admits work")
+    conditioning: list[Literal["image_to_image", "inpainting", "class_guidance"]] = Field(
+        description="what POST /generate may ask of this model: init_image + strength, init_image + mask, class_label"
+    )
+    num_classes: int | None = Field(description="class_label is 0..num_classes-1; null: no guidance classifier")
+    default_guidance_scale: float | None = Field(description="guidance_scale of a class_label request without one")
 
 
 class ModelsResponse(BaseModel):

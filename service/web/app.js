@@ -1,9 +1,13 @@
 /* The service's web page: plain JavaScript, no build step, no dependencies.
  *
- * Three panels, each talking to one endpoint:
- *   generate  POST /generate/stream  Server-Sent Events read through fetch (EventSource cannot POST)
+ * Four panels, each talking to one endpoint:
+ *   generate  POST /generate/stream  Server-Sent Events read through fetch (EventSource cannot POST);
+ *                                    class_label + guidance_scale when the model has a guidance classifier
+ *   steer     POST /generate/stream  the same stream from a drawing: init_image + strength (SDEdit) or
+ *                                    init_image + mask (RePaint)
  *   forward   GET /noise, POST /noise  x_t = sqrt(ᾱ_t) x_0 + sqrt(1 − ᾱ_t) ε   (DDPM eq. 4)
  *   reverse   POST /denoise-step       x_{t−1} = μ̃_t(x_t, x̂_0) + σ_t z          (DDPM eqs. 6, 7, 15)
+ * Controls for a conditioning the picked model lacks (GET /v1/model `conditioning`) are hidden.
  * Errors (422 validation, 429 queue full, 503 not ready, …) are shown in the panel that caused them.
  * API keys: every call sends `Authorization: Bearer <key>` once one is known; a 401 opens the key prompt.
  * The key lives in sessionStorage only (this tab, until it closes), never in localStorage or the URL.
@@ -260,11 +264,15 @@ const model = {
   maxSteps: {}, // {sampler: steps}
   spacings: {}, // {sampler: [spacing, …]}
   defaultSpacing: {}, // {sampler: spacing}
+  conditioning: [], // among "image_to_image", "inpainting", "class_guidance"
+  numClasses: null, // class_label is 0..numClasses-1; null: no guidance classifier
+  defaultGuidance: null, // guidance_scale the server uses when a class_label request has none
 };
 
-/** The model picked in the header (GET /v1/models), or "" for the server's default. */
+/** The model picked in the header (GET /v1/models), or "" for the server's default (one model: no picker shown,
+ *  and requests leave `model` out). */
 function pickedModel() {
-  return $("model-select").value;
+  return $("model-pick").hidden ? "" : $("model-select").value;
 }
 
 /** `model=<picked>&` for query strings ("" when the default is used). */
@@ -300,6 +308,8 @@ async function switchModel() {
   $("rev-play").disabled = true;
   $("rev-t").textContent = "—";
   $("gen-results").replaceChildren();
+  $("steer-results").replaceChildren();
+  $("steer-preview").removeAttribute("src");
   showNoise();
 }
 
@@ -316,15 +326,23 @@ async function loadModelInfo() {
     model.maxSteps = info.max_steps ?? {};
     model.spacings = info.timestep_spacings ?? {};
     model.defaultSpacing = info.default_timestep_spacing ?? {};
+    model.conditioning = info.conditioning ?? [];
+    model.numClasses = info.num_classes ?? null;
+    model.defaultGuidance = info.default_guidance_scale ?? null;
     $("model-info").textContent =
       `${info.name} · ${info.image_shape.join("×")} · T = ${model.T} · ${info.schedule.beta_schedule} β ` +
       `${+info.schedule.beta_start.toPrecision(4)}→${+info.schedule.beta_end.toPrecision(4)} · ${info.variance_type} · ${info.device} ${info.dtype}` +
       ` · sha256 ${info.sha256.slice(0, 12)}…`;
   } catch (err) {
     $("model-info").textContent = `model info unavailable: ${err.message}`;
+    model.conditioning = []; // nothing offered that the server was not asked about
   }
   $("gen-num").max = model.maxImages;
+  $("steer-num").max = model.maxImages;
   fillSamplerMenu();
+  fillSteerSamplerMenu();
+  applyConditioning();
+  resetCanvases();
   $("fwd-t").max = model.T - 1;
   $("fwd-t").value = Math.min(Number($("fwd-t").value), model.T - 1);
   const select = $("fwd-example");
@@ -336,6 +354,41 @@ async function loadModelInfo() {
     select.append(opt);
   }
   select.disabled = !model.examples.length; // no bundled digits: upload one
+  $("steer-example").replaceChildren(...[...select.options].map((o) => o.cloneNode(true)));
+  $("steer-example").disabled = $("steer-load-example").disabled = !model.examples.length;
+}
+
+/** Show the controls of each conditioning the model supports, hide the others (called on every model switch). */
+function applyConditioning() {
+  const has = (kind) => model.conditioning.includes(kind);
+  const guided = has("class_guidance") && model.numClasses !== null;
+  $("gen-class-label").hidden = !guided;
+  $("gen-guidance-label").hidden = !guided;
+  const classes = $("gen-class");
+  classes.replaceChildren();
+  addOption(classes, "", "none");
+  for (let c = 0; guided && c < model.numClasses; c++) addOption(classes, String(c), String(c));
+  classes.value = "";
+  classes.disabled = !guided;
+  const scale = $("gen-guidance");
+  const start = model.defaultGuidance ?? 1;
+  scale.max = Math.max(20, Math.ceil(2 * start)); // the server allows up to 100; past ~20 samples degrade
+  scale.value = start;
+  applyClass();
+
+  $("steer").hidden = !has("image_to_image") && !has("inpainting");
+  for (const el of document.querySelectorAll(".img2img-only")) el.hidden = !has("image_to_image");
+  for (const el of document.querySelectorAll(".inpaint-only")) el.hidden = !has("inpainting");
+  if (!has("inpainting")) {
+    document.querySelector('input[name="steer-tool"][value="draw"]').checked = true;
+    clearMask();
+  }
+}
+
+/** The guidance scale matters only with a class picked: enabled then, and its value shown. */
+function applyClass() {
+  $("gen-guidance").disabled = $("gen-class").disabled || $("gen-class").value === "";
+  $("gen-guidance-value").textContent = $("gen-guidance").value;
 }
 
 /* ----------------------------------------------- 1. generate (SSE stream) */
@@ -377,8 +430,6 @@ function applySampler() {
   spacing.value = supported.includes(picked) ? picked : "";
 }
 
-let genAbort = null;
-
 /** Yield {event, data} from a text/event-stream body (the SSE wire format, parsed by hand). */
 async function* readSSE(body) {
   const reader = body.pipeThrough(new TextDecoderStream()).getReader();
@@ -418,17 +469,29 @@ function generationBody() {
   if (body.sampler === "ddim") body.eta = Number($("gen-eta").value);
   const spacing = $("gen-spacing").value;
   if (spacing) body.timestep_spacing = spacing; // absent: the model's default for this sampler
+  const label = $("gen-class").value;
+  if (!$("gen-class-label").hidden && label !== "") {
+    body.class_label = Number(label); // ε shifted by −s·√(1−ᾱ_t)·∇ₓ log p(y | x_t) (Dhariwal & Nichol eq. 14)
+    body.guidance_scale = Number($("gen-guidance").value);
+  }
   return body;
 }
 
-function setProgress(step, total, text) {
-  $("gen-progress").max = total || 1;
-  $("gen-progress").value = step;
-  $("gen-progress-text").textContent = text ?? `step ${step} / ${total}`;
+/** The panels that stream a generation, by id prefix: `${prefix}-progress`, `-progress-text`, `-error`,
+ *  `-preview`, `-results`, `-seed-shown`, `-cancel` (and `-reuse-seed` where there is one). */
+const STREAM_PANELS = {
+  gen: { runs: ["gen-run"], abort: null },
+  steer: { runs: ["steer-run-img2img", "steer-run-inpaint"], abort: null },
+};
+
+function setProgress(prefix, step, total, text) {
+  $(`${prefix}-progress`).max = total || 1;
+  $(`${prefix}-progress`).value = step;
+  $(`${prefix}-progress-text`).textContent = text ?? `step ${step} / ${total}`;
 }
 
-function showResult(result) {
-  const grid = $("gen-results");
+function showResult(prefix, result) {
+  const grid = $(`${prefix}-results`);
   grid.replaceChildren();
   for (const b64 of result.images ?? []) {
     const img = document.createElement("img");
@@ -437,37 +500,41 @@ function showResult(result) {
     img.src = pngSrc(b64);
     grid.append(img);
   }
-  $("gen-seed-shown").textContent = `seed ${result.seed}`;
-  $("gen-seed-shown").dataset.seed = result.seed;
-  $("gen-reuse-seed").hidden = false;
+  $(`${prefix}-seed-shown`).textContent = `seed ${result.seed}`;
+  $(`${prefix}-seed-shown`).dataset.seed = result.seed;
+  const reuse = $(`${prefix}-reuse-seed`);
+  if (reuse) reuse.hidden = false;
+  const progress = $(`${prefix}-progress`);
   const secs = result.total_seconds ?? result.elapsed_s ?? result.duration_s;
   setProgress(
-    result.steps ?? $("gen-progress").max,
-    result.steps ?? $("gen-progress").max,
+    prefix,
+    result.steps ?? progress.max,
+    result.steps ?? progress.max,
     `done: ${result.images?.length ?? 0} image(s), ${result.sampler ?? ""}-${result.steps ?? ""}` +
       (result.timestep_spacing ? `, ${result.timestep_spacing} spacing` : "") +
       (secs != null ? ` in ${Number(secs).toFixed(2)} s` : ""),
   );
 }
 
-async function generate(ev) {
-  ev.preventDefault();
-  showError($("gen-error"), "");
-  genAbort = new AbortController();
-  $("gen-run").disabled = true;
-  $("gen-cancel").disabled = false;
-  setProgress(0, 1, "queued…");
+/** POST /generate/stream with `body`; progress, x̂_0 previews, the result and any error go to the panel `prefix`. */
+async function streamGeneration(prefix, body) {
+  const panel = STREAM_PANELS[prefix];
+  showError($(`${prefix}-error`), "");
+  panel.abort = new AbortController();
+  for (const id of panel.runs) $(id).disabled = true;
+  $(`${prefix}-cancel`).disabled = false;
+  setProgress(prefix, 0, 1, "queued…");
   try {
-    const res = await postJSON("generate/stream", generationBody(), genAbort.signal);
+    const res = await postJSON("generate/stream", body, panel.abort.signal);
     let finished = false;
     for await (const { event, data } of readSSE(res.body)) {
       const payload = JSON.parse(data);
       if (event === "progress") {
-        setProgress(payload.step, payload.total);
+        setProgress(prefix, payload.step, payload.total);
         const preview = payload.preview ?? payload.x0_preview ?? payload.image;
-        if (preview) $("gen-preview").src = pngSrc(preview);
+        if (preview) $(`${prefix}-preview`).src = pngSrc(preview);
       } else if (event === "result") {
-        showResult(payload);
+        showResult(prefix, payload);
         finished = true;
       } else if (event === "error") {
         const status = payload.status ?? payload.status_code;
@@ -476,19 +543,233 @@ async function generate(ev) {
     }
     if (!finished) throw new Error("the stream ended without a result");
   } catch (err) {
-    if (err.name === "AbortError") setProgress(0, 1, "cancelled");
+    if (err.name === "AbortError") setProgress(prefix, 0, 1, "cancelled");
     else {
-      showError($("gen-error"), err.message);
-      setProgress(0, 1, "failed");
+      showError($(`${prefix}-error`), err.message);
+      setProgress(prefix, 0, 1, "failed");
     }
   } finally {
-    $("gen-run").disabled = false;
-    $("gen-cancel").disabled = true;
-    genAbort = null;
+    for (const id of panel.runs) $(id).disabled = false;
+    $(`${prefix}-cancel`).disabled = true;
+    panel.abort = null;
   }
 }
 
-/* ------------------------------------------------- 2. forward process */
+function generate(ev) {
+  ev.preventDefault();
+  return streamGeneration("gen", generationBody());
+}
+
+/* ------------------------------------ 2. steer: image-to-image and inpainting */
+
+/** The picture is kept at EXPORT_SCALE × the model's resolution (shown larger still, pixelated) and sent as
+ *  that PNG: the server converts it to the model's channels and size (Lanczos), so strokes arrive anti-aliased. */
+const EXPORT_SCALE = 4;
+const MASK_COLOUR = "rgb(255, 0, 0)"; // painted opaque, shown at half opacity (style.css .mask-overlay)
+/** Samplers that RePaint's resampling (jump_length, jump_n_sample) works with: no per-row solver history. */
+const RESAMPLING_SAMPLERS = ["ddpm", "ddim"];
+
+let stroke = null; // {pointerId, ctx, last: [x, y]} while a pen, finger or mouse button is down
+
+/** Size both canvases to the picked model: black and empty the first time; after a model switch the picture and
+ *  the mask are kept, rescaled when the new model's size differs. */
+function resetCanvases() {
+  const side = model.size * EXPORT_SCALE;
+  for (const id of ["steer-canvas", "steer-mask"]) {
+    const c = $(id);
+    if (c.dataset.sized && c.width === side) continue;
+    let old = null;
+    if (c.dataset.sized) {
+      old = document.createElement("canvas");
+      [old.width, old.height] = [c.width, c.height];
+      old.getContext("2d").drawImage(c, 0, 0);
+    }
+    c.width = c.height = side; // clears it
+    c.dataset.sized = "true";
+    if (id === "steer-canvas") clearPicture();
+    if (old) c.getContext("2d").drawImage(old, 0, 0, side, side);
+  }
+}
+
+function clearPicture() {
+  const c = $("steer-canvas");
+  const ctx = c.getContext("2d");
+  ctx.globalCompositeOperation = "source-over";
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, c.width, c.height);
+}
+
+function clearMask() {
+  const c = $("steer-mask");
+  c.getContext("2d").clearRect(0, 0, c.width, c.height);
+}
+
+/** Regenerate the lower half: the mask becomes exactly rows h/2 … h−1. */
+function maskLowerHalf() {
+  clearMask();
+  const c = $("steer-mask");
+  const ctx = c.getContext("2d");
+  ctx.globalCompositeOperation = "source-over";
+  ctx.fillStyle = MASK_COLOUR;
+  ctx.fillRect(0, c.height / 2, c.width, c.height / 2);
+}
+
+function steerTool() {
+  return document.querySelector('input[name="steer-tool"]:checked')?.value ?? "draw";
+}
+
+/** The pointer's position in canvas pixels (the stack is shown larger than the canvases' resolution). */
+function canvasPoint(ev) {
+  const box = $("steer-stack").getBoundingClientRect();
+  const side = $("steer-canvas").width;
+  return [((ev.clientX - box.left) * side) / box.width, ((ev.clientY - box.top) * side) / box.height];
+}
+
+/** A pointer went down on the picture: pen = white on the picture; mask brush = red on the overlay; mask
+ *  eraser = remove from the overlay. One pointer at a time; a mouse draws with its main button only. */
+function startStroke(ev) {
+  if (stroke || (ev.pointerType === "mouse" && ev.button !== 0)) return;
+  ev.preventDefault();
+  const tool = steerTool();
+  const ctx = $(tool === "draw" ? "steer-canvas" : "steer-mask").getContext("2d");
+  ctx.globalCompositeOperation = tool === "erase" ? "destination-out" : "source-over";
+  ctx.strokeStyle = ctx.fillStyle = tool === "draw" ? "#fff" : MASK_COLOUR;
+  ctx.lineWidth = Number($("steer-brush").value) * EXPORT_SCALE; // the slider counts model pixels
+  ctx.lineCap = ctx.lineJoin = "round";
+  const [x, y] = canvasPoint(ev);
+  ctx.beginPath(); // a dot where it went down
+  ctx.arc(x, y, ctx.lineWidth / 2, 0, 2 * Math.PI);
+  ctx.fill();
+  stroke = { pointerId: ev.pointerId, ctx, last: [x, y] };
+  try {
+    $("steer-stack").setPointerCapture(ev.pointerId); // keep the stroke when it leaves the canvas
+  } catch {
+    /* a synthetic pointer without capture: the stroke ends where it leaves */
+  }
+}
+
+function continueStroke(ev) {
+  if (stroke?.pointerId !== ev.pointerId) return;
+  ev.preventDefault();
+  const { ctx } = stroke;
+  for (const e of ev.getCoalescedEvents?.() ?? [ev]) {
+    const point = canvasPoint(e);
+    ctx.beginPath();
+    ctx.moveTo(...stroke.last);
+    ctx.lineTo(...point);
+    ctx.stroke();
+    stroke.last = point;
+  }
+}
+
+function endStroke(ev) {
+  if (stroke?.pointerId === ev.pointerId) stroke = null;
+}
+
+/** A canvas as base64 PNG (no `data:` prefix). */
+function canvasPNG(canvas) {
+  return canvas.toDataURL("image/png").split(",", 2)[1];
+}
+
+/** The mask as a white-on-black PNG of the picture's size (white = regenerate: the overlay's alpha as grey),
+ *  and whether anything is painted at all. */
+function maskPNG() {
+  const src = $("steer-mask");
+  const { width, height } = src;
+  const painted = src.getContext("2d").getImageData(0, 0, width, height).data;
+  const out = document.createElement("canvas");
+  out.width = width;
+  out.height = height;
+  const ctx = out.getContext("2d");
+  const img = ctx.createImageData(width, height);
+  let any = false;
+  for (let p = 0; p < width * height; p++) {
+    const alpha = painted[4 * p + 3];
+    any ||= alpha > 0;
+    img.data.set([alpha, alpha, alpha, 255], 4 * p);
+  }
+  ctx.putImageData(img, 0, 0);
+  return { png: canvasPNG(out), painted: any };
+}
+
+/** Draw the chosen example digit (GET /noise …&include=x0: x_0 at the model's size) into the picture. */
+async function loadExample() {
+  showError($("steer-error"), "");
+  try {
+    const name = encodeURIComponent($("steer-example").value);
+    const out = await (await request(`noise?${modelQuery()}image=${name}&t=0&format=json&include=x0`)).json();
+    const small = document.createElement("canvas");
+    drawArray(small, parseNpy(b64ToBytes(out.x0)));
+    const c = $("steer-canvas");
+    const ctx = c.getContext("2d");
+    ctx.globalCompositeOperation = "source-over";
+    ctx.imageSmoothingEnabled = false; // model pixels as EXPORT_SCALE² blocks
+    ctx.drawImage(small, 0, 0, c.width, c.height);
+    ctx.imageSmoothingEnabled = true;
+  } catch (err) {
+    showError($("steer-error"), err.message);
+  }
+}
+
+/** The steer panel's own sampler menu (default steps as the Generate panel's); resampling only where it works. */
+function fillSteerSamplerMenu() {
+  const select = $("steer-sampler");
+  const picked = select.value;
+  select.replaceChildren();
+  for (const name of model.samplers) addOption(select, name, SAMPLER_LABELS[name] ?? name);
+  const fallback = model.samplers.includes(DEFAULT_SAMPLER) ? DEFAULT_SAMPLER : model.samplers[0];
+  select.value = model.samplers.includes(picked) ? picked : fallback;
+  applySteerSampler();
+}
+
+function applySteerSampler() {
+  const name = $("steer-sampler").value;
+  const steps = $("steer-steps");
+  const top = model.maxSteps[name] ?? model.T;
+  steps.max = top;
+  steps.value = Math.min(QUICK_STEPS[name] ?? model.defaultSteps[name] ?? Number(steps.value), top);
+  $("steer-resample").hidden = !RESAMPLING_SAMPLERS.includes(name);
+}
+
+/** What both runs send: the picture as init_image, plus the panel's sampler, steps, images and seed. */
+function steerBody(fields) {
+  const body = {
+    ...(pickedModel() ? { model: pickedModel() } : {}),
+    num_images: Number($("steer-num").value),
+    sampler: $("steer-sampler").value,
+    steps: Number($("steer-steps").value),
+    init_image: canvasPNG($("steer-canvas")),
+    ...fields,
+  };
+  const seed = intOrNull($("steer-seed"));
+  if (seed !== null) body.seed = seed;
+  return body;
+}
+
+/** SDEdit: the picture noised to the t that strength selects, denoised from there. */
+function runImageToImage() {
+  return streamGeneration("steer", steerBody({ strength: Number($("steer-strength").value) }));
+}
+
+/** RePaint: regenerate the masked pixels from noise, keep the others exactly. */
+function runInpaint() {
+  const mask = maskPNG();
+  if (!mask.painted) {
+    showError($("steer-error"), "nothing to regenerate: paint the mask (red) first, or press “mask lower half”");
+    return;
+  }
+  const fields = { mask: mask.png };
+  if (!$("steer-resample").hidden) {
+    const passes = Number($("steer-jump-n").value);
+    if (passes > 1) {
+      fields.jump_n_sample = passes;
+      fields.jump_length = Number($("steer-jump-length").value);
+    }
+  }
+  return streamGeneration("steer", steerBody(fields));
+}
+
+/* ------------------------------------------------- 3. forward process */
 
 let uploaded = null; // a File chosen by the user (sent as the raw body), or null for the bundled example
 let fwdSeq = 0; // drop responses that arrive after a newer request
@@ -531,7 +812,7 @@ async function showNoise() {
   }
 }
 
-/* ------------------------------------------------- 3. reverse stepping */
+/* ------------------------------------------------- 4. reverse stepping */
 
 const rev = { x: null, t: null, playing: false, busy: false };
 
@@ -645,8 +926,10 @@ async function main() {
   await loadModelInfo();
   $("model-select").addEventListener("change", switchModel);
   $("gen-form").addEventListener("submit", generate);
-  $("gen-cancel").addEventListener("click", () => genAbort?.abort());
+  $("gen-cancel").addEventListener("click", () => STREAM_PANELS.gen.abort?.abort());
   $("gen-sampler").addEventListener("change", applySampler);
+  $("gen-class").addEventListener("change", applyClass);
+  $("gen-guidance").addEventListener("input", applyClass);
   $("gen-reuse-seed").addEventListener("click", () => {
     $("gen-seed").value = $("gen-seed-shown").dataset.seed;
   });
@@ -670,6 +953,25 @@ async function main() {
     showNoise();
   });
   showNoise();
+
+  const stack = $("steer-stack");
+  stack.addEventListener("pointerdown", startStroke);
+  stack.addEventListener("pointermove", continueStroke);
+  for (const type of ["pointerup", "pointercancel", "lostpointercapture"]) stack.addEventListener(type, endStroke);
+  $("steer-brush").addEventListener("input", () => {
+    $("steer-brush-value").textContent = $("steer-brush").value;
+  });
+  $("steer-strength").addEventListener("input", () => {
+    $("steer-strength-value").textContent = Number($("steer-strength").value).toFixed(2);
+  });
+  $("steer-clear").addEventListener("click", clearPicture);
+  $("steer-load-example").addEventListener("click", loadExample);
+  $("steer-mask-lower").addEventListener("click", maskLowerHalf);
+  $("steer-mask-clear").addEventListener("click", clearMask);
+  $("steer-sampler").addEventListener("change", applySteerSampler);
+  $("steer-run-img2img").addEventListener("click", runImageToImage);
+  $("steer-run-inpaint").addEventListener("click", runInpaint);
+  $("steer-cancel").addEventListener("click", () => STREAM_PANELS.steer.abort?.abort());
 
   $("rev-start").addEventListener("click", startFromNoise);
   $("rev-step").addEventListener("click", () => stepFrames());

@@ -200,3 +200,21 @@ def test_corrupt_weights_fail_startup(tmp_path: Path) -> None:
     weights.write_bytes(bytes(data))
     with pytest.raises(RuntimeError, match="sha256 mismatch"):
         Server(folder, tmp_path)
+
+
+def test_queued_stream_gets_keep_alive_comments(model_t1000: Path, tmp_path: Path) -> None:
+    """A stream waiting behind a full batch sends ': keep-alive' comments until its first progress event."""
+    server = Server(model_t1000, tmp_path, DDPM_MAX_BATCH_ROWS="1", DDPM_SSE_KEEP_ALIVE_S="0.2")
+    try:
+        ahead = threading.Thread(target=server.client.post, args=("/generate",),
+                                 kwargs={"json": {"sampler": "ddpm", "steps": 1000, "seed": 1}})
+        ahead.start()
+        wait_until(lambda: server.metric("ddpm_active_rows", model="tiny-T1000") == 1)
+        with server.client.stream("POST", "/generate/stream", json={"sampler": "ddim", "steps": 2}) as r:
+            lines = [line for line in r.iter_lines() if line]
+        ahead.join()
+        first_progress = lines.index("event: progress")
+        assert ": keep-alive" in lines[:first_progress], lines[:5]
+        assert lines.count("event: result") == 1
+    finally:
+        assert server.stop() == 0, server.log()

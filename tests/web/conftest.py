@@ -17,7 +17,7 @@ import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 from playwright.sync_api import Error as PlaywrightError
 
-from tests.web.server import make_tiny_model, running_server
+from tests.web.server import add_guidance_classifier, make_tiny_model, running_server
 
 # Rows the queue admits in total: small, so that test_queue_full_shows_429 can fill it.
 QUEUE_ROWS = 4
@@ -66,6 +66,21 @@ def web_two_models_server(web_model_dir: Path, tmp_path_factory: pytest.TempPath
     """Base URL of a server with two models (DDPM_MODELS): ``tiny`` (8×8, the default) and ``tiny12`` (12×12)."""
     second = make_tiny_model(tmp_path_factory.mktemp("web-model-12") / "tiny12", size=12, name="tiny12")
     with running_server(web_model_dir, models=f"{web_model_dir},{second}") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def web_guided_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model (``guided``, 8×8, T = 1000) whose folder also holds a random-weight guidance classifier
+    (recommended scale 3.0)."""
+    return add_guidance_classifier(make_tiny_model(tmp_path_factory.mktemp("web-guided") / "guided", name="guided"))
+
+
+@pytest.fixture(scope="session")
+def web_guided_server(web_guided_model_dir: Path, web_model_dir: Path) -> Iterator[str]:
+    """Base URL of a server with ``guided`` (the default: image-to-image, inpainting, class guidance) and the plain
+    ``tiny`` (no classifier: no class guidance)."""
+    with running_server(web_guided_model_dir, models=f"{web_guided_model_dir},{web_model_dir}") as url:
         yield url
 
 
@@ -130,6 +145,13 @@ def two_models_page(browser: Browser, web_two_models_server: str, request: pytes
                     ) -> Iterator[Page]:
     """The web page served by ``web_two_models_server``."""
     yield from _open_page(browser, web_two_models_server, request, tmp_path)
+
+
+@pytest.fixture
+def guided_page(browser: Browser, web_guided_server: str, request: pytest.FixtureRequest, tmp_path: Path
+                ) -> Iterator[Page]:
+    """The web page served by ``web_guided_server`` (the ``guided`` model picked)."""
+    yield from _open_page(browser, web_guided_server, request, tmp_path)
 
 
 @pytest.fixture

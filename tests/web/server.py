@@ -18,10 +18,11 @@ import torch
 from PIL import Image, ImageDraw
 
 from service.diffusion.checkpoint import ModelSpec, save_model
+from service.diffusion.guidance import GuidanceClassifier, GuidanceClassifierConfig, save_guidance_classifier
 from service.diffusion.unet import UNet
 from tests.conftest import REPO, tiny_unet_config
 
-__all__ = ["free_port", "make_tiny_model", "running_server"]
+__all__ = ["add_guidance_classifier", "free_port", "make_tiny_model", "running_server"]
 
 
 def free_port() -> int:
@@ -46,6 +47,16 @@ def make_tiny_model(folder: Path, size: int = 8, name: str = "tiny") -> Path:
             draw.rectangle((12, 4, 16, 24), fill=255)
         img.save(examples / f"{name}.png")
     return out
+
+
+def add_guidance_classifier(folder: Path, size: int = 8, recommended_scale: float = 3.0) -> Path:
+    """Put a random-weight noise-aware digit classifier (10 classes, T = 1000) beside a tiny model's weights, so the
+    entry offers class guidance (GET /v1/model: conditioning has "class_guidance", num_classes 10)."""
+    torch.manual_seed(3)
+    config = GuidanceClassifierConfig(channels=1, image_size=size, num_classes=10, widths=(8, 16), blocks=(0, 1),
+                                      norm_groups=4, time_freq_dim=16, time_embed_dim=32, num_train_timesteps=1000)
+    save_guidance_classifier(GuidanceClassifier(config), folder, {"recommended_guidance_scale": recommended_scale})
+    return folder
 
 
 @contextlib.contextmanager

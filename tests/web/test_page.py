@@ -204,7 +204,7 @@ def test_queue_full_shows_429(page: Page) -> None:
     expect(page.locator("#gen-error")).to_be_visible()
     # after the blocker is gone the same click succeeds and the error goes away
     deadline = time.monotonic() + 20
-    while "ddpm_active_rows 0.0" not in httpx.get(f"{base}/metrics").text:
+    while 'ddpm_active_rows{model="tiny"} 0.0' not in httpx.get(f"{base}/metrics").text:
         assert time.monotonic() < deadline, "the cancelled request's rows were never evicted"
         time.sleep(0.05)
     page.locator("#gen-run").click()
@@ -283,7 +283,7 @@ def test_cancel_stops_the_request_on_the_server(page: Page) -> None:
 
     def evicted() -> float:
         line = next(x for x in httpx.get(f"{base}/metrics").text.splitlines()
-                    if x.startswith('ddpm_rows_evicted_total{reason="cancelled"}'))
+                    if x.startswith('ddpm_rows_evicted_total{model="tiny",reason="cancelled"}'))
         return float(line.split()[-1])
 
     before = evicted()

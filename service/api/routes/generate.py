@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from service.api.auth import AUTH_RESPONSES, RequireApiKey
 from service.api.deps import ClientDisconnected, SettingsDep, await_unless_disconnected, engine_for, submit
-from service.api.encoding import b64_png
+from service.api.encoding import b64_png, decode_image_field, decode_mask_field
 from service.api.errors import CLIENT_CLOSED_REQUEST, engine_error_status, error_body, error_responses, invalid
 from service.api.middleware import log_fields, request_id
 from service.api.schemas import GenerateRequest, GenerateResponse, ProgressData, StreamErrorData
@@ -21,6 +23,8 @@ from service.engine.client import EngineClient, EngineError, GenerationRequest, 
 from service.imaging import grid, npy_bytes, png_bytes
 
 __all__ = ["client_id", "generation_request", "result_payload", "router"]
+
+T = TypeVar("T")
 
 router = APIRouter(tags=["generate"], dependencies=[RequireApiKey], responses=AUTH_RESPONSES)
 
@@ -97,6 +101,16 @@ def generation_request(
         raise invalid("steps", f"must be in 1..{top} for sampler {body.sampler!r} (T = {big_t}), got {steps}")
     seed = body.seed if body.seed is not None else secrets.randbelow(2**32)
     every = (settings.preview_every or max(1, steps // 10)) if previews else 0
+    shape = (info.channels, info.image_size, info.image_size)
+    limit_px = settings.max_image_pixels
+    init = decode_image_field(body.init_image, "init_image", shape, limit_px) if body.init_image else None
+    mask = decode_mask_field(body.mask, "mask", shape, limit_px) if body.mask else None
+    if mask is not None and init is None:
+        raise invalid("mask", "inpainting needs init_image: the picture whose unmasked pixels are kept")
+    if body.class_label is not None and "class_guidance" not in info.conditioning:
+        raise invalid("class_label", f"model {info.name!r} has no guidance classifier (GET /v1/model conditioning)")
+    if body.class_label is not None and info.num_classes is not None and body.class_label >= info.num_classes:
+        raise invalid("class_label", f"must be in 0..{info.num_classes - 1}, got {body.class_label}")
     return GenerationRequest(
         num_images=body.num_images,
         seed=seed,
@@ -108,6 +122,13 @@ def generation_request(
         preview_every=every,
         client=client_id(request),
         request_id=request_id(request.scope),
+        init_image=init,
+        strength=body.strength,
+        mask=mask,
+        class_label=body.class_label,
+        guidance_scale=body.guidance_scale,
+        jump_length=body.jump_length,
+        jump_n_sample=body.jump_n_sample,
     )
 
 
@@ -165,6 +186,30 @@ async def generate(body: GenerateRequest, request: Request, settings: SettingsDe
     return Response(json.dumps(payload), media_type="application/json", headers=headers)
 
 
+KEEP_ALIVE = b": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies see traffic
+
+
+async def with_keep_alive(events: AsyncIterator[T], every_s: float) -> AsyncIterator[T | None]:
+    """``events``, with None whenever ``every_s`` seconds pass without one (a request waiting in the queue, or a
+    long step), so the stream can send :data:`KEEP_ALIVE` before a proxy's read timeout closes it."""
+    it = aiter(events)
+    pending: asyncio.Future[T] = asyncio.ensure_future(anext(it))
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=every_s)
+            if not done:
+                yield None
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            yield item
+            pending = asyncio.ensure_future(anext(it))
+    finally:
+        pending.cancel()
+
+
 def _sse(event: str, data: dict) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
 
@@ -188,8 +233,9 @@ async def generate_stream(body: GenerateRequest, request: Request, settings: Set
 
     Errors found before sampling starts (422, 429, 503) are plain HTTP errors; later ones arrive as an `error`
     event with their status (500: the engine failed, 503: its worker died, 504: the deadline passed). Previews
-    come every `DDPM_PREVIEW_EVERY` steps (default: about 10 per request). Closing the connection cancels the
-    request.
+    come every `DDPM_PREVIEW_EVERY` steps (default: about 10 per request). While no event is due (the request is
+    queued), an SSE comment `: keep-alive` comes every `DDPM_SSE_KEEP_ALIVE_S` seconds. Closing the connection
+    cancels the request.
     """
     engine = engine_for(request, body.model)
     log_fields(request.scope, sampler=body.sampler, images=body.num_images)
@@ -199,8 +245,8 @@ async def generate_stream(body: GenerateRequest, request: Request, settings: Set
     async def events() -> AsyncIterator[bytes]:
         finished = False
         try:
-            async for event in handle.events():
-                yield _sse("progress", _progress(event))
+            async for event in with_keep_alive(handle.events(), settings.sse_keep_alive_s):
+                yield KEEP_ALIVE if event is None else _sse("progress", _progress(event))
             try:
                 result = await handle.result()
             except EngineError as exc:

@@ -88,6 +88,9 @@ def _describe(request: Request, served: ServedModel) -> ModelResponse:
         max_images_per_request=request.app.state.max_images,
         examples=list(served.examples),
         ready=served.ready,
+        conditioning=list(info.conditioning),
+        num_classes=info.num_classes,
+        default_guidance_scale=info.default_guidance_scale,
     )
 
 

@@ -11,6 +11,7 @@ them under ``/v2``; invalid input is 400 there, not 422). Tensor encoding is in 
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, Response
@@ -61,7 +62,13 @@ INPUTS: dict[str, tuple[str, bool]] = {  # name: (datatype, required); each of s
     "steps": ("INT32", False),
     "eta": ("FP32", False),
     "timestep_spacing": ("BYTES", False),
+    "init_image": ("BYTES", False),  # the file itself (PNG, JPEG or .npy), as /generate's base64 field holds it
+    "strength": ("FP32", False),
+    "mask": ("BYTES", False),  # PNG/JPEG (white = regenerate) or .npy
+    "class_label": ("INT32", False),
+    "guidance_scale": ("FP32", False),
 }
+FILE_INPUTS = ("init_image", "mask")  # BYTES holding a file, not text
 OUTPUTS = {"images": "FP32", "png": "BYTES"}  # images: (N, C, H, W) in [-1, 1]; png: N PNG files, only when asked
 
 
@@ -227,7 +234,9 @@ def _generate_body(tensors: dict[str, Tensor]) -> GenerateRequest:
         if tensor.data.shape != (1,):
             raise HTTPException(400, f"input {name!r}: shape {list(tensor.data.shape)}, expected [1]")
         value = tensor.data.item()
-        if datatype == "BYTES":
+        if name in FILE_INPUTS:
+            value = base64.b64encode(value).decode("ascii")
+        elif datatype == "BYTES":
             try:
                 value = value.decode("utf-8")
             except UnicodeDecodeError as exc:
