@@ -10,7 +10,8 @@ requests of ``--images`` images (DDIM, ``--steps``) outstanding per model for ``
   on the same cores).
 * ``split``: two engines, each on its own worker with ``--threads // 2`` threads (the cores partitioned).
 
-Reported per mode: image-steps/s of each model and in total (completed requests × images × steps / time), the
+Reported per mode: image-steps/s of each model and in total (rows stepped, ``ddpm_batch_rows``, in the window after
+``--warmup``), the
 total relative to ``alone``, and the fairness ratio (slower model / faster). Modes run in turn, ``--repeats``
 rounds; the median round is reported.
 
@@ -40,13 +41,17 @@ from service.engine.device import DeviceWorker  # noqa: E402
 MODES = ("alone", "shared", "separate", "split")
 
 
-async def flood(engine: Engine, args: argparse.Namespace, stop: float, done: list[int], seed: int) -> None:
-    """Keep one request outstanding until ``stop``; count the image-steps of the finished ones."""
+def row_steps(engine: Engine) -> float:
+    """Rows stepped so far (the sum of ddpm_batch_rows): image-steps, finished requests or not."""
+    m = engine.metrics
+    return m.registry.get_sample_value("ddpm_batch_rows_sum", {"model": m.name}) or 0.0
+
+
+async def flood(engine: Engine, args: argparse.Namespace, stop: float, seed: int) -> None:
+    """Keep one request outstanding until ``stop``."""
     while time.monotonic() < stop:
         request = GenerationRequest(args.images, seed=seed, sampler="ddim", steps=args.steps, client=f"c{seed}")
         await engine.submit(request).result()
-        if time.monotonic() <= stop:
-            done[0] += args.images * args.steps
         seed += 1000
 
 
@@ -59,18 +64,21 @@ async def run_mode(mode: str, models: list, args: argparse.Namespace) -> dict:
     engines = [Engine(models[i], settings, device_worker=worker) for i in range(engines_n)]
     for engine in engines:
         await engine.start()
-    counts = [[0] for _ in engines]
     start = time.monotonic()
     stop = start + args.seconds
-    tasks = [flood(engine, args, stop, counts[i], seed=i * 100 + k)
+    tasks = [asyncio.ensure_future(flood(engine, args, stop, seed=i * 100 + k))
              for i, engine in enumerate(engines) for k in range(args.concurrency)]
+    await asyncio.sleep(args.warmup)
+    first = [row_steps(engine) for engine in engines]
+    await asyncio.sleep(args.seconds - args.warmup)
+    last = [row_steps(engine) for engine in engines]
     await asyncio.gather(*tasks)
     elapsed = time.monotonic() - start
     for engine in engines:
         await engine.drain()
     if worker is not None:
         worker.close()
-    rates = [c[0] / args.seconds for c in counts]
+    rates = [(b - a) / (args.seconds - args.warmup) for a, b in zip(first, last, strict=True)]
     return {"mode": mode, "image_steps_per_s": rates, "total": sum(rates), "elapsed_s": elapsed,
             "fairness": min(rates) / max(rates) if max(rates) > 0 else 0.0}
 
@@ -85,6 +93,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--concurrency", type=int, default=4, help="outstanding requests per model")
     p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of load before the measured window")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compiled", choices=("auto", "off"), default="off")
     p.add_argument("--modes", default=",".join(MODES))

@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(300.0, gt=0, description="deadline per request; past it → 504")
     batching: Literal["step", "request"] = Field("step", description="step-level continuous or per-request")
     threads: int = Field(0, ge=0, description="torch intra-op threads (0 = torch default)")
+    model_sharing: Literal["threads", "worker"] = Field(
+        "threads", description="several models: threads = each engine computes on its own worker thread (all threads "
+        "each); worker = one shared device thread runs every engine's forwards in turn (bench/multi_model.py)"
+    )
     cuda_graphs: bool = Field(True, description="CUDA: replay the UNet from CUDA graphs (one per batch-size bucket)")
     compiled: Literal["auto", "off"] = Field(
         "auto", description="auto: the model's compiled UNet (python -m service compile) when valid; off: eager"

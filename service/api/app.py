@@ -170,7 +170,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         models.add(served)  # ValueError for a duplicate name: startup fails
         loaded.append((served, model))
         log.info("loaded %s from %s on %s; %d example images", spec.name, path, device, len(examples))
-    if len(loaded) > 1:  # one compute thread for all engines on the device (service/engine/device.py)
+    if len(loaded) > 1 and settings.model_sharing == "worker":  # one compute thread for all (engine/device.py)
         app.state.device_worker = DeviceWorker(threads)
 
     def _started(task: asyncio.Task) -> None:
@@ -202,7 +202,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.registry = registry
     app.state.engine_metrics = EngineMetrics(registry)
     app.state.models = ServedModels()  # filled by the lifespan (DDPM_MODEL, or DDPM_MODELS)
-    app.state.device_worker = None  # several models: their engines' shared compute thread
+    app.state.device_worker = None  # several models with DDPM_MODEL_SHARING=worker: the engines' compute thread
     app.state.draining = False
     app.state.fatal = False
     app.state.engine_factory = None  # None: service.engine.batcher.Engine

@@ -1,8 +1,8 @@
 """The models one server serves: name → model folder, example images and (once warm) its engine.
 
 ``DDPM_MODELS`` lists several (``Settings.model_paths``); the first is the default, used when a request names
-no ``model``. Each model has its own engine; engines on one device share a
-:class:`~service.engine.device.DeviceWorker`. Routes reach an engine only through :func:`service.api.deps`.
+no ``model``. Each model has its own engine (with ``DDPM_MODEL_SHARING=worker``, engines share a
+:class:`~service.engine.device.DeviceWorker`). Routes reach an engine only through :func:`service.api.deps`.
 """
 
 from __future__ import annotations

@@ -36,9 +36,10 @@ then sleep after ~100 spins and every one of a forward's hundreds of short paral
 On the 2-core development machine a 16-row bf16 forward took 37 ms on the worker when the main thread had
 run a 2-thread op before, 25 ms when it had not (docs/benchmarks.md). So a process that embeds the engine
 should keep other threads single-threaded from the start (the HTTP app does so before loading the model).
-A server with several models has one engine per model; their compute goes to one shared
-:class:`~service.engine.device.DeviceWorker` thread (``device_worker``) instead, so there is still one
-multi-threaded team, and each engine's own worker thread stays at one torch thread.
+A server with several models has one engine per model, each with its own worker thread and threads (measured
+best on the 2-core CPU, README); with ``DDPM_MODEL_SHARING=worker`` their compute goes to one shared
+:class:`~service.engine.device.DeviceWorker` thread (``device_worker``) instead, and each engine's own worker
+thread stays at one torch thread.
 The one case to set ``threads`` lower is a machine shared with other CPU-heavy processes: OpenMP workers
 spin while waiting for each other, and on this 2-core machine with a training run beside it a forward of
 the tiny test model took 5 ms with 1 thread and 155 ms with 2.

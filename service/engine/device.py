@@ -1,15 +1,12 @@
-"""One thread per device that runs the compute of every engine on it, in arrival order.
+"""One thread per device that runs the compute of every engine on it, in arrival order (``DDPM_MODEL_SHARING=worker``).
 
-A server with several models has one engine per model (its own queue, admission and rows). Their
-iterations could each run on the engine's own worker thread, but on a CPU two multi-threaded torch
-workers fight for the same cores: each keeps its own OpenMP team, libgomp stops spin-waiting once a
-process holds more OpenMP threads than CPUs, and every short parallel region then pays a wake-up
-(the engine module's "Threads"). So engines that share a device hand their compute (warm-up, the
-UNet forward and the per-row updates of an iteration, ``predict_eps`` jobs) to one
-:class:`DeviceWorker`: a single thread with the device's intra-op threads, served first in, first
-out. Each engine has at most one call outstanding, so busy engines alternate forward by forward —
-every model makes progress, and a model's share of the device is one forward per turn.
-``bench/multi_model.py`` measures this against one worker thread per engine.
+A server with several models has one engine per model (its own queue, admission and rows). By default each engine
+computes on its own worker thread (``threads``). With a :class:`DeviceWorker`, engines that share a device hand
+their compute (warm-up, the UNet forward and per-row updates of an iteration, ``predict_eps`` jobs) to a single
+thread with the device's intra-op threads, served first in, first out: each engine has at most one call
+outstanding, so busy engines alternate forward by forward and the process holds one multi-threaded OpenMP team.
+On the 2-core development CPU that measured 0.98× one model's throughput against 1.19× for separate workers
+(``bench/multi_model.py``, README "Several models in one server"), so it is the opt-in mode.
 """
 
 from __future__ import annotations
@@ -53,11 +50,14 @@ class DeviceWorker:
             self._thread.join()
 
     def _loop(self) -> None:
-        torch.set_num_threads(self.threads)
         while (item := self._calls.get()) is not _STOP:
             fn, future = item
             if not future.set_running_or_notify_cancel():
                 continue
+            # Set before every call: another thread's torch.set_num_threads (an engine setting its own worker to
+            # one thread) can reach this thread's count too (measured with torch 2.13 / libgomp).
+            if torch.get_num_threads() != self.threads:
+                torch.set_num_threads(self.threads)
             try:
                 future.set_result(fn())
             except BaseException as exc:  # handed to the caller; the device thread serves the next call

@@ -130,7 +130,7 @@ def test_tritonclient_serves_both_models(server: Server) -> None:
 
 def test_both_models_progress_under_concurrent_load(server: Server) -> None:
     """Two clients flood one model each; both finish requests while the other is loaded, and each model's own
-    metrics move (one device worker alternating the two engines' forwards: service/engine/device.py)."""
+    metrics move (each engine on its own worker thread, the default DDPM_MODEL_SHARING=threads)."""
     def ok(name: str) -> float:
         return server.metric("ddpm_requests_total", model=name, outcome="ok")
 
@@ -161,6 +161,19 @@ def test_both_models_progress_under_concurrent_load(server: Server) -> None:
         assert ok(name) - before[name] == done[name]
         assert server.metric("ddpm_engine_iterations_total", model=name) - iterations[name] >= 40  # 2 at a time
         assert server.metric("ddpm_images_generated_total", model=name) >= 4 * done[name]
+
+
+def test_shared_device_worker_mode_serves_both(server: Server, repository: Path, tmp_path: Path) -> None:
+    """DDPM_MODEL_SHARING=worker: one device thread runs both engines' forwards; results equal the default mode's."""
+    names = f"{repository / 'a-store'},{repository / IMPORTED}"
+    srv = Server(repository / "a-store", tmp_path, DDPM_MODELS=names, DDPM_MODEL_SHARING="worker")
+    try:
+        for name in (STORE, IMPORTED):
+            got = generate_npy(srv, model=name, num_images=2, sampler="ddim", steps=3, seed=4)
+            want = generate_npy(server, model=name, num_images=2, sampler="ddim", steps=3, seed=4)
+            np.testing.assert_allclose(got, want, atol=1e-5)
+    finally:
+        assert srv.stop() == 0, srv.log()
 
 
 def test_repository_folder_is_scanned_and_duplicate_names_refused(repository: Path, tmp_path: Path) -> None:
