@@ -33,7 +33,7 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.http_saturation import free_port  # noqa: E402
+from bench.http_saturation import free_port, metric_total  # noqa: E402
 
 KEYS = {"flood": "bench-flood-key", "small": "bench-small-key"}
 
@@ -103,9 +103,7 @@ async def flood(url: str, args: argparse.Namespace, stop: asyncio.Event, started
 
         tasks = [asyncio.create_task(loop()) for _ in range(args.flood_concurrency)]
         while True:  # the flood is queued before the small client starts
-            m = (await c.get("/metrics")).text
-            if any(line.startswith("ddpm_queue_depth_requests ") and float(line.split()[1]) > 0
-                   for line in m.splitlines()):
+            if metric_total((await c.get("/metrics")).text, "ddpm_queue_depth_requests") > 0:
                 break
             await asyncio.sleep(0.05)
         started.set()
@@ -120,9 +118,7 @@ async def step_totals(url: str) -> tuple[float, float]:
     """(sum, count) of the server's ddpm_step_duration_seconds: mean iteration time over a phase."""
     async with httpx.AsyncClient(base_url=url) as c:
         text = (await c.get("/metrics")).text
-    values = dict(line.split() for line in text.splitlines() if line.startswith("ddpm_step_duration_seconds_s")
-                  or line.startswith("ddpm_step_duration_seconds_c"))
-    return float(values["ddpm_step_duration_seconds_sum"]), float(values["ddpm_step_duration_seconds_count"])
+    return metric_total(text, "ddpm_step_duration_seconds_sum"), metric_total(text, "ddpm_step_duration_seconds_count")
 
 
 async def phase(url: str, args: argparse.Namespace, name: str) -> dict:

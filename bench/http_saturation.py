@@ -69,12 +69,19 @@ def process_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def metric_total(text: str, name: str) -> float:
+    """The sum of every sample called ``name`` in a /metrics text (over all label values, e.g. every model)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = [s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == name]
+    if not values:
+        raise RuntimeError(f"no {name} in /metrics")
+    return sum(values)
+
+
 def server_iterations(url: str) -> float:
     """ddpm_engine_iterations_total of the server (UNet forwards so far)."""
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith("ddpm_engine_iterations_total "):
-            return float(line.split()[1])
-    raise RuntimeError("no ddpm_engine_iterations_total in /metrics")
+    return metric_total(httpx.get(f"{url}/metrics").text, "ddpm_engine_iterations_total")
 
 
 async def offline(args: argparse.Namespace, engine: Engine) -> float:

@@ -380,12 +380,13 @@ async def sample_process(pid: int, t0: float, samples: list[tuple[float, float, 
 
 
 async def metrics(client: httpx.AsyncClient) -> dict[str, float]:
-    """/metrics as {'name{label="v",...}': value} (labels sorted)."""
+    """/metrics as {'name{label="v",...}': value} (labels sorted), summed over the ``model`` label (every model)."""
     out: dict[str, float] = {}
     for family in text_string_to_metric_families((await client.get("/metrics")).text):
         for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()) if k != "model")
+            key = f"{s.name}{{{labels}}}" if labels else s.name
+            out[key] = out.get(key, 0.0) + s.value
     return out
 
 

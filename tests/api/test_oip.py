@@ -90,6 +90,8 @@ def test_health_and_metadata(client: triton.InferenceServerClient) -> None:
         assert {t["name"]: (t["datatype"], t["shape"]) for t in meta["inputs"]} == {
             "num_images": ("INT32", [1]), "seed": ("INT64", [1]), "sampler": ("BYTES", [1]),
             "steps": ("INT32", [1]), "eta": ("FP32", [1]), "timestep_spacing": ("BYTES", [1]),
+            "init_image": ("BYTES", [1]), "strength": ("FP32", [1]), "mask": ("BYTES", [1]),
+            "class_label": ("INT32", [1]), "guidance_scale": ("FP32", [1]),
         }
         assert {t["name"]: (t["datatype"], t["shape"]) for t in meta["outputs"]} == {
             "images": ("FP32", [-1, 1, SIZE, SIZE]), "png": ("BYTES", [-1]),
