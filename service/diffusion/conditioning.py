@@ -51,8 +51,10 @@ labels) gives ∇ₓ log p_φ(y | x_t, t), and::
 
     ε̂ = ε_θ(x_t, t) − s √(1 − ᾱ_t) ∇ₓ log p_φ(y | x_t, t),   ᾱ_t = plan.alphas_cumprod[i]
 
-replaces ε before the sampler's update, so it composes with every sampler. s = 0 is plain generation (no
-classifier call); ``guidance_scale=None`` in a request means the classifier's recommended scale, else
+replaces ε before the sampler's update, so it composes with every sampler. Where the sampler clips x̂_0 (ddpm,
+ddim with the model's ``clip_sample``) the clip comes first and ε is re-derived from the clipped x̂_0 before the
+shift, with no clip after it (guided-diffusion's ``condition_score`` order; see :func:`guide`). s = 0 is plain
+generation (no classifier call); ``guidance_scale=None`` in a request means the classifier's recommended scale, else
 :data:`DEFAULT_GUIDANCE_SCALE`.
 
 Draw order of a row's generator: z (start), then per step the sampler's z (when it draws one), RePaint's z' (when
@@ -364,16 +366,33 @@ def guide(
     eps: torch.Tensor,
     index: torch.Tensor,
     labels: torch.Tensor,
-    coef: torch.Tensor,
+    scale: torch.Tensor,
+    abar: torch.Tensor,
+    clip_range: torch.Tensor,
 ) -> torch.Tensor:
-    """ε with rows ``index`` (G,) shifted by eq. 14: ε − coef ∇ₓ log p(y | x_t, t), coef = s √(1 − ᾱ_t) (G,).
+    """ε with rows ``index`` (G,) shifted by eq. 14: ε − s √(1 − ᾱ_t) ∇ₓ log p(y | x_t, t); ``scale``, ``abar``
+    and ``clip_range`` are (G,) per guided row.
 
-    One batched gradient over the guided rows only; returns a new tensor (``eps`` may be a CUDA graph's output).
+    Rows with a finite ``clip_range`` (samplers that clip x̂_0) are clipped *first*, as guided-diffusion's
+    ``condition_score`` does: x̂_0 = clip((x − √(1−ᾱ) ε)/√ᾱ), ε ← (x − √ᾱ x̂_0)/√(1−ᾱ), then shifted; the sampler
+    must not clip their x̂_0 again (``Rows.unclipped``). Clipping after the shift instead cancels it where it
+    matters most: at large t, x̂_0 moves by s (1−ᾱ)/√ᾱ ∇ (×50 at t = 900), the clip flattens that into a
+    saturated blob, and DDIM's guided digits lose their class (docs/benchmarks.md). One batched gradient over
+    the guided rows only; returns a new tensor (``eps`` may be a CUDA graph's output).
     """
     from service.diffusion.guidance import log_prob_grad
 
-    grad = log_prob_grad(classifier, x[index], t[index], labels).to(eps.dtype)  # (G, C, H, W)
-    return eps.index_add(0, index, grad * -coef.to(eps).reshape(-1, *([1] * (eps.ndim - 1))))
+    view = (-1, *([1] * (eps.ndim - 1)))
+    xs, e = x[index], eps[index]
+    a = abar.to(eps).reshape(view)
+    sa, sb = a.sqrt(), (1.0 - a).sqrt()
+    r = clip_range.to(eps).reshape(view)
+    clips = torch.isfinite(r)
+    if bool(clips.any()):
+        x0 = ((xs - sb * e) / sa).clamp(-r, r)
+        e = torch.where(clips, (xs - sa * x0) / sb, e)
+    grad = log_prob_grad(classifier, xs, t[index], labels).to(eps.dtype)  # (G, C, H, W)
+    return eps.index_copy(0, index, e - scale.to(eps).reshape(view) * sb * grad)
 
 
 def after_step(

@@ -162,19 +162,24 @@ class RowGroup:
 
 def _guided_eps(
     model: DiffusionModel, groups: list[RowGroup], x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor
-) -> torch.Tensor:
-    """ε of the stacked rows of ``groups`` with the guided rows shifted by their classifier's gradient (eq. 14)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ε̂, guided): ε of the stacked rows of ``groups`` with the guided rows shifted by their classifier's gradient
+    (eq. 14, after clipping x̂_0 where the sampler clips), and the (B,) mask of the guided rows."""
     if model.guidance is None:
         raise ValueError("guided rows need a model with a guidance classifier")
-    index, labels, coef, start = [], [], [], 0
+    index, labels, params, start = [], [], [], 0
     for g in groups:
         if g.cond is not None and g.cond.labels is not None:
             index.append(torch.arange(start, start + g.rows))
             labels.append(g.cond.labels)
-            coef += [g.cond.scale * math.sqrt(1.0 - g.plan.alphas_cumprod[g.index])] * g.rows  # s √(1 − ᾱ_t)
+            opts = g.plan.options
+            clip = opts.clip_sample_range if g.sampler.clips_pred_x0 and opts.clip_sample else math.inf
+            params += [(g.cond.scale, g.plan.alphas_cumprod[g.index], clip)] * g.rows  # s, ᾱ_t, clip range
         start += g.rows
-    return guide(model.guidance, x, t, eps, to_device(torch.cat(index), x.device), torch.cat(labels),
-                 to_device(torch.tensor(coef), x.device))
+    rows = to_device(torch.cat(index), x.device)
+    scale, abar, clip = to_device(torch.tensor(params, dtype=torch.float64), x.device).unbind(1)
+    guided = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device).index_fill(0, rows, True)
+    return guide(model.guidance, x, t, eps, rows, torch.cat(labels), scale, abar, clip), guided
 
 
 @torch.inference_mode()
@@ -200,8 +205,9 @@ def batched_step(
     # 2. one forward: ε_θ(x_t, t) for all rows at their own t
     eps = forward(x, t) if forward is not None else predict_eps(model.unet, x, t, dtype)
     # 2b. classifier guidance — ε − s √(1−ᾱ_t) ∇ log p(y | x_t, t): ONE batched gradient over the guided rows only
+    guided = None
     if any(g.cond is not None and g.cond.guided for g in groups):
-        eps = _guided_eps(model, groups, x, t, eps)
+        eps, guided = _guided_eps(model, groups, x, t, eps)
     # 3. per sampler, one vectorised update; z from each row's own generator (zeros where no noise is added)
     start = 0
     for _, members in itertools.groupby(groups, key=lambda g: g.sampler.name):
@@ -213,7 +219,8 @@ def batched_step(
                            else torch.zeros_like(g.x) for g in gs])
         history = torch.cat([g.history for g in gs]) if gs[0].history is not None else None
         out = gs[0].sampler.step(Rows(x[rows], eps[rows], noise, history, [g.plan for g in gs],
-                                      [g.index for g in gs], [g.eta for g in gs], sizes))
+                                      [g.index for g in gs], [g.eta for g in gs], sizes,
+                                      None if guided is None else guided[rows]))
         # 4. hand each group its rows back (conditioned ones after RePaint's replacement and resampling jumps)
         hists = out.history.split(sizes) if out.history is not None else [None] * len(gs)
         for g, xs, ps, hs in zip(gs, out.prev_sample.split(sizes), out.pred_x0.split(sizes), hists, strict=True):

@@ -32,7 +32,7 @@ from service.diffusion.conditioning import (
 from service.diffusion.guidance import GuidanceClassifier, GuidanceClassifierConfig, save_guidance_classifier
 from service.diffusion.pipeline import sample
 from service.diffusion.rows import RowGroup, batched_step, predict_eps, row_generator
-from service.diffusion.samplers import SAMPLER_NAMES, Rows, get_sampler
+from service.diffusion.samplers import SAMPLER_NAMES
 from tests.conftest import tiny_unet_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -293,19 +293,23 @@ def guided_model(tiny_model: DiffusionModel, classifier: nn.Module) -> Diffusion
 def test_guided_eps_is_shifted_by_hand_computed_gradient(tiny_model: DiffusionModel) -> None:
     clf = LinearSoftmax()
     model = guided_model(tiny_model, clf)
+    assert model.spec.clip_sample  # DDIM clips x̂_0: guidance comes after the clip, as in guided-diffusion
     s, label = 2.5, 1
     g = RowGroup.start(model, 2, 3, "ddim", 10, conditioning=Conditioning(class_label=label, guidance_scale=s))
-    g.index = 4  # mid-sequence
-    x, t = g.x.clone(), g.t
-    eps = predict_eps(model.unet, x, torch.full((2,), t), torch.float32)
+    g.index = 4  # mid-sequence: t = 500 → 400 (leading spacing, 10 of 1000 steps)
+    x, t = g.x.clone().double(), g.t
+    eps = predict_eps(model.unet, g.x, torch.full((2,), t), torch.float32).double()
     batched_step(model, [g])
-    # by hand: ∇ log softmax_y(W x + b) = W_y − Σ_k p_k W_k; ε̂ = ε − s √(1 − ᾱ_t) ∇ with ᾱ_t from the closed form
-    p = torch.softmax(x.flatten(1).double() @ clf.weight.double().T + clf.bias.double() + 0.001 * t, dim=1)
+    # by hand: ∇ log softmax_y(W x + b) = W_y − Σ_k p_k W_k
+    p = torch.softmax(x.flatten(1) @ clf.weight.double().T + clf.bias.double() + 0.001 * t, dim=1)
     grad = (clf.weight.double()[label] - p @ clf.weight.double()).reshape(2, *SHAPE)
-    eps_hat = eps.double() - s * math.sqrt(1 - closed_form_abar(t)) * grad
-    ddim = get_sampler("ddim")
-    plan = RowGroup.start(tiny_model, 2, 3, "ddim", 10).plan
-    want = ddim.step(Rows(x.double(), eps_hat, torch.zeros_like(eps_hat), None, [plan], [4], [0.0], [2])).prev_sample
+    # guided-diffusion's condition_score: x̂_0 clipped, ε re-derived from it, then ε̂ = ε − s √(1 − ᾱ_t) ∇ (eq. 14)
+    a, a_next = closed_form_abar(t), closed_form_abar(t - 100)
+    x0 = ((x - math.sqrt(1 - a) * eps) / math.sqrt(a)).clamp(-1, 1)
+    eps_hat = (x - math.sqrt(a) * x0) / math.sqrt(1 - a) - s * math.sqrt(1 - a) * grad
+    # DDIM eq. (12), η = 0, with the guided x̂_0 left unclipped
+    x0_hat = (x - math.sqrt(1 - a) * eps_hat) / math.sqrt(a)
+    want = math.sqrt(a_next) * x0_hat + math.sqrt(1 - a_next) * eps_hat
     torch.testing.assert_close(g.x.double(), want, rtol=0, atol=1e-5)
     assert len(clf.calls) == 1 and torch.equal(clf.calls[0][1], torch.full((2,), t))
 

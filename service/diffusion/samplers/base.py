@@ -84,6 +84,7 @@ class Rows:
     index: Sequence[int]  # per request: its current step
     eta: Sequence[float]  # per request
     sizes: Sequence[int]  # per request: rows
+    unclipped: torch.Tensor | None = None  # (B,) bool: rows whose x̂_0 is never clipped (guided: clipped before)
 
     def per_row(self, coefficients: Callable[[Plan, int, float], Sequence[float]]) -> torch.Tensor:
         """``coefficients(plan, i, eta)`` of every request (float64), repeated for its rows: (B, K, 1, …, 1).
@@ -98,7 +99,7 @@ class Rows:
         return rows.to(self.x).reshape(*rows.shape, *([1] * (self.x.ndim - 1)))
 
     def pred_x0(self, clip: bool = False) -> torch.Tensor:
-        """x̂_0 = (x − √(1−ᾱ) ε)/√ᾱ at each row's level (DDPM eq. 15), optionally clipped."""
+        """x̂_0 = (x − √(1−ᾱ) ε)/√ᾱ at each row's level (DDPM eq. 15), optionally clipped (not ``unclipped`` rows)."""
 
         def coef(p: Plan, i: int, _eta: float) -> tuple[float, float]:
             abar = p.alphas_cumprod[i]
@@ -108,7 +109,10 @@ class Rows:
         x0 = (self.x - c[:, 1] * self.eps) / c[:, 0]
         if clip:
             r = self.plans[0].options.clip_sample_range
-            x0 = x0.clamp(-r, r)
+            clipped = x0.clamp(-r, r)
+            if self.unclipped is None:
+                return clipped
+            x0 = torch.where(self.unclipped.reshape(-1, *([1] * (x0.ndim - 1))), x0, clipped)
         return x0
 
 
@@ -123,6 +127,7 @@ class Sampler(ABC):
     history_slots: int = 0  # x-shaped tensors kept per row between steps
     corrected_x_slot: int | None = None  # history slot holding a corrected copy of x (UniC), or None
     uses_eta: bool = False
+    clips_pred_x0: bool = False  # clips x̂_0 when the model's options ask for it (DDPM, DDIM: diffusers' clip_sample)
 
     def max_steps(self, num_train_timesteps: int) -> int:
         return num_train_timesteps

@@ -25,6 +25,7 @@ def _sigma(abar_t: float, abar_prev: float, eta: float) -> float:
 class DDIM(Sampler):
     name = "ddim"
     family = "ddim"
+    clips_pred_x0 = True
     spacings = DISCRETE_SPACINGS
     default_spacing: Spacing = "leading"
     default_steps = 50

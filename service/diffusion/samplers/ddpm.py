@@ -42,6 +42,7 @@ def posterior_coefficients(
 class DDPM(Sampler):
     name = "ddpm"
     family = "ddpm"
+    clips_pred_x0 = True
     spacings = DISCRETE_SPACINGS
     default_spacing: Spacing = "leading"
     default_steps = None  # T: the full chain
