@@ -18,9 +18,13 @@ once, so rows of different digits share forwards), seeded per request. The evalu
     whose completed digit is classified as the true label, against the same share for plain RePaint (no
     resampling), for unconditional samples (chance, ~10 %) and for the input with its lower half blanked;
 (c) classifier guidance (with a guidance classifier: the model's, or ``--guidance-classifier FOLDER``): for each
-    digit, ``--per-class`` guided samples at ``--guidance-scale`` (default: the classifier's recommendation), the
-    share classified as that digit, and the FLD of their classifier features against that digit's test digits, next
-    to the floor (the FLD of as many real training digits of that class).
+    digit, ``--per-class`` samples guided at ``--guidance-scale`` (default: the classifier's recommendation) with
+    ``--guidance-sampler/-steps``, the share classified as that digit, and the FLD of their classifier features
+    against that digit's test digits, next to the floor (the FLD of as many real training digits of that class);
+(d) guidance_sweep: the share classified as the asked-for digit for each sampler:steps:scale of ``--sweep``
+    (``--sweep-per-class`` samples per digit) — how guidance depends on the sampler and the scale.
+
+Parts not run keep their entry in ``--out`` when it is for the same model weights.
 """
 
 from __future__ import annotations
@@ -74,11 +78,16 @@ def labels_of(classifier, images: torch.Tensor) -> torch.Tensor:
 
 
 def request(args: argparse.Namespace, seed: int, num: int = 1, inpaint: bool = False,
-            **conditioning) -> GenerationRequest:
-    sampler, steps, eta = (args.inpaint_sampler, args.inpaint_steps, args.inpaint_eta) if inpaint else (
-        args.sampler, args.steps, args.eta)
-    return GenerationRequest(num, seed=seed, sampler=sampler, steps=steps, eta=eta,
-                             timestep_spacing=args.timestep_spacing, timeout_s=1e6, **conditioning)
+            sampler: tuple[str, int] | None = None, **conditioning) -> GenerationRequest:
+    """The part's request: ``sampler`` (name, steps) overrides ``--sampler/--steps`` (η 0, the model's spacing)."""
+    if sampler is not None:
+        (name, steps), eta, spacing = sampler, 0.0, None
+    elif inpaint:
+        name, steps, eta, spacing = args.inpaint_sampler, args.inpaint_steps, args.inpaint_eta, args.timestep_spacing
+    else:
+        name, steps, eta, spacing = args.sampler, args.steps, args.eta, args.timestep_spacing
+    return GenerationRequest(num, seed=seed, sampler=name, steps=steps, eta=eta, timestep_spacing=spacing,
+                             timeout_s=1e6, **conditioning)
 
 
 def image_to_image(args, run, clf, digits, labels) -> dict:
@@ -131,29 +140,83 @@ def inpainting(args, run, clf, digits, labels) -> dict:
     return result
 
 
+def guided(args, run, k: int, num: int, scale: float, sampler: tuple[str, int], seed0: int) -> torch.Tensor:
+    """``num`` samples guided to class ``k``, in requests of at most half the batch (a guided row weighs 2)."""
+    chunk = max(args.batch // 2, 1)
+    return run([request(args, seed0 + j, min(chunk, num - j), sampler=sampler, class_label=k, guidance_scale=scale)
+                for j in range(0, num, chunk)])
+
+
 def guidance(args, run, model, clf, test, test_labels, train, train_labels) -> dict:
     scale = args.guidance_scale if args.guidance_scale is not None else default_guidance_scale(model)
+    sampler = (args.guidance_sampler, args.guidance_steps)
     per = args.per_class
-    chunk = max(args.batch // 2, 1)  # a guided row weighs 2 rows (GenerationRequest.queue_rows)
     classes = []
     for k in range(args.classes):
         start = time.perf_counter()
-        reqs = [request(args, 1000 * k + j, min(chunk, per - j), class_label=k, guidance_scale=scale)
-                for j in range(0, per, chunk)]
-        out = run(reqs)
+        out = guided(args, run, k, per, scale, sampler, 1000 * k)
         feats, probs = predict(clf, out)
         ref = feature_stats(predict(clf, test[test_labels == k])[0].numpy())
         real = train[train_labels == k][:per]
         row = {"class": k, "num": per, "share_classified_as_class": float((probs.argmax(1) == k).double().mean()),
+               "mean_confidence": float(probs[:, k].mean()),
                "fld": frechet_distance(*feature_stats(feats.numpy()), *ref),
                "floor_fld": frechet_distance(*feature_stats(predict(clf, real)[0].numpy()), *ref),
                "seconds": round(time.perf_counter() - start, 1)}
         classes.append(row)
-        print(f"guidance class {k} (s = {scale}): {row['share_classified_as_class']:.1%} classified as {k}, "
-              f"FLD {row['fld']:.2f} (floor {row['floor_fld']:.2f})", flush=True)
+        print(f"guidance class {k} ({sampler[0]}-{sampler[1]}, s = {scale}): {row['share_classified_as_class']:.1%} "
+              f"classified as {k}, FLD {row['fld']:.2f} (floor {row['floor_fld']:.2f})", flush=True)
     shares = [c["share_classified_as_class"] for c in classes]
-    return {"guidance_scale": scale, "per_class": per, "min_share": min(shares),
-            "mean_share": sum(shares) / len(shares), "classes": classes}
+    return {"sampler": sampler[0], "steps": sampler[1], "guidance_scale": scale, "per_class": per,
+            "min_share": min(shares), "mean_share": sum(shares) / len(shares), "classes": classes}
+
+
+def guidance_sweep(args, run, clf) -> dict:
+    """Share classified as the asked-for digit for each (sampler, steps, scale) of ``--sweep``, ``--sweep-per-class``
+    samples per digit (the same seeds for every setting)."""
+    points = []
+    for item in args.sweep.split(","):
+        name, steps, scale = item.split(":")
+        start = time.perf_counter()
+        shares = []
+        for k in range(args.classes):
+            out = guided(args, run, k, args.sweep_per_class, float(scale), (name, int(steps)), 1000 * k)
+            shares.append(float((labels_of(clf, out) == k).double().mean()))
+        points.append({"sampler": name, "steps": int(steps), "guidance_scale": float(scale),
+                       "mean_share": sum(shares) / len(shares), "min_share": min(shares), "shares": shares,
+                       "seconds": round(time.perf_counter() - start, 1)})
+        print(f"guidance sweep {name}-{steps} s = {scale}: mean {points[-1]['mean_share']:.1%}, "
+              f"worst digit {min(shares):.1%}", flush=True)
+    return {"per_class": args.sweep_per_class, "points": points}
+
+
+def plot_sweep(sweep: dict, path: Path, title: str) -> None:
+    """Share classified as the asked-for digit against the guidance scale, one line per sampler-steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    lines: dict[str, list[dict]] = {}
+    for point in sweep["points"]:
+        lines.setdefault(f"{point['sampler']}-{point['steps']}", []).append(point)
+    for label, points in lines.items():
+        points = sorted(points, key=lambda q: q["guidance_scale"])
+        scales = [q["guidance_scale"] for q in points]
+        line, = ax.plot(scales, [100 * q["mean_share"] for q in points], marker="o", label=f"{label} mean")
+        ax.plot(scales, [100 * q["min_share"] for q in points], marker="v", linestyle=":", color=line.get_color(),
+                label=f"{label} worst digit")
+    ax.axhline(95, color="grey", linestyle="--", label="95 %")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("guidance scale s")
+    ax.set_ylabel(f"% classified as the asked-for digit ({sweep['per_class']} per digit)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -181,13 +244,21 @@ def main() -> None:
     p.add_argument("--inpaint-eta", type=float, default=1.0)
     p.add_argument("--jump-length", type=int, default=5, help="inpainting: RePaint resampling jump")
     p.add_argument("--jump-n-sample", type=int, default=10, help="inpainting: RePaint resampling passes (1 = none)")
+    p.add_argument("--guidance-sampler", default="unipc", help="guidance: sampler (the model's spacing)")
+    p.add_argument("--guidance-steps", type=int, default=20)
     p.add_argument("--per-class", type=int, default=100, help="guided samples per digit")
+    p.add_argument("--sweep", default="ddim:25:1,ddim:25:4,unipc:20:1,unipc:20:4,dpmpp_2m_sde:25:1,"
+                   "dpmpp_2m_sde:25:2,dpmpp_2m_sde:25:3,dpmpp_2m_sde:25:4,dpmpp_2m_sde:25:6,ddpm:100:2,ddpm:100:4",
+                   help="guidance_sweep: sampler:steps:scale,...")
+    p.add_argument("--sweep-per-class", type=int, default=20)
     p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--parts", default="img2img,inpainting,guidance")
+    p.add_argument("--parts", default="img2img,inpainting,guidance,guidance_sweep",
+                   help="any of img2img, inpainting, guidance, guidance_sweep; the others keep their entry in --out")
     p.add_argument("--batch", type=int, default=64, help="engine max_batch_rows")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="docs/conditioning.json")
+    p.add_argument("--plot", default="docs/guidance_sweep.png", help="guidance_sweep: where its plot goes")
     args = p.parse_args()
 
     args.threads = claim_threads_for_worker(args.threads)
@@ -211,19 +282,24 @@ def main() -> None:
             report["image_to_image"] = image_to_image(args, run, clf, test, test_labels)
         if "inpainting" in parts:
             report["inpainting"] = inpainting(args, run, clf, test, test_labels)
-        if "guidance" in parts:
-            if model.guidance is None:
-                print("guidance: skipped (the model has no guidance classifier; pass --guidance-classifier)")
-            else:
-                train = to_model_range(load_images(args.train_data, channels=model.spec.channels, size=size))
-                report["guidance"] = guidance(args, run, model, clf, test, test_labels, train,
-                                              load_labels(args.train_labels))
+        if parts & {"guidance", "guidance_sweep"} and model.guidance is None:
+            print("guidance: skipped (the model has no guidance classifier; pass --guidance-classifier)")
+        elif "guidance" in parts:
+            train = to_model_range(load_images(args.train_data, channels=model.spec.channels, size=size))
+            report["guidance"] = guidance(args, run, model, clf, test, test_labels, train,
+                                          load_labels(args.train_labels))
+        if "guidance_sweep" in parts and model.guidance is not None:
+            report["guidance_sweep"] = guidance_sweep(args, run, clf)
+            plot_sweep(report["guidance_sweep"], Path(args.plot),
+                       f"classifier guidance on {Path(args.model).name} ({model.sha256[:8]})")
     finally:
         run.close()
     report["seconds"] = round(time.perf_counter() - start, 1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    kept = json.loads(out.read_text()) if out.is_file() else {}  # parts not run this time keep their entry
+    same_model = kept.get("model_sha256") == report["model_sha256"]
+    out.write_text(json.dumps({**(kept if same_model else {}), **report}, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -74,7 +74,7 @@ class GenerateRequest(BaseModel):
                 {"num_images": 4, "seed": 42, "sampler": "dpmpp_2m", "steps": 15, "format": "png"},
                 {"num_images": 4, "seed": 42, "sampler": "ddim", "steps": 50, "timestep_spacing": "trailing"},
                 {"num_images": 1, "sampler": "ddpm", "format": "json"},
-                {"num_images": 4, "sampler": "ddim", "steps": 50, "class_label": 7},
+                {"num_images": 4, "sampler": "unipc", "steps": 20, "class_label": 7},
             ]
         },
     )

@@ -136,6 +136,7 @@ class EngineSettings:
 @dataclass(eq=False)
 class _Entry:
     handle: Handle
+    steps: int  # steps (UNet forwards) its rows run: the image-to-image tail or the resampled plan, else request.steps
     group: RowGroup | None = None  # created when the request joins the running batch
 
     @property
@@ -148,7 +149,7 @@ class _Entry:
         return self.handle.request.client
 
     def remaining_steps(self) -> int:
-        return self.group.remaining if self.group is not None else self.handle.request.steps
+        return self.group.remaining if self.group is not None else self.steps
 
 
 @dataclass(eq=False)
@@ -295,9 +296,9 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> Handle:
         """Queue a request; QueueFullError at once when its rows do not fit, EngineNotReadyError if not running."""
-        self._validate(request)
+        steps = self._validate(request)
         loop = self._submit_loop()
-        n = request.num_images
+        n = request.queue_rows  # a guided row weighs more
         with self._cond:
             if not self._accepting:
                 raise EngineNotReadyError("the engine is not accepting requests (starting, draining or stopped)")
@@ -320,7 +321,7 @@ class Engine:
             now = time.monotonic()
             timeout = request.timeout_s if request.timeout_s is not None else self.settings.request_timeout_s
             handle = Handle(request, loop, now, now + timeout, self._wake)
-            self._queue.push(_Entry(handle))
+            self._queue.push(_Entry(handle, steps))
             self._set_gauges_locked()
             self._cond.notify_all()
         return handle
@@ -383,7 +384,8 @@ class Engine:
             }
 
     # ------------------------------------------------------------------------------ helpers (any thread)
-    def _validate(self, r: GenerationRequest) -> None:
+    def _validate(self, r: GenerationRequest) -> int:
+        """ValueError for a request this engine cannot run; else the steps its rows will run."""
         limit = self.settings.max_batch_rows
         if not 1 <= r.num_images <= limit:
             raise ValueError(f"num_images must be in 1..{limit} (max_batch_rows), got {r.num_images}")
@@ -401,8 +403,10 @@ class Engine:
             raise ValueError(f"guided rows count {weight}x: num_images must be in 1..{limit // weight} "
                              f"(max_batch_rows={limit}), got {r.num_images}")
         conditioning = r.conditioning(self.model)  # ValueError: ranges, shapes, classes, strength vs steps
-        if conditioning is not None:
-            conditioning.check(self.model, r.sampler, r.steps)
+        if conditioning is None:
+            return r.steps
+        conditioning.check(self.model, r.sampler, r.steps)
+        return conditioning.row_steps(r.steps)
 
     def _submit_loop(self) -> asyncio.AbstractEventLoop:
         try:

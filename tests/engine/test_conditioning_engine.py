@@ -17,7 +17,7 @@ from service.diffusion.conditioning import Conditioning
 from service.diffusion.guidance import GuidanceClassifier, GuidanceClassifierConfig
 from service.diffusion.pipeline import sample
 from service.engine.batcher import Engine, EngineSettings
-from service.engine.client import GUIDED_ROW_WEIGHT, GenerationRequest
+from service.engine.client import GUIDED_ROW_WEIGHT, ClientQuotaError, GenerationRequest, QueueFullError
 
 Req = GenerationRequest
 X0 = torch.linspace(-0.9, 0.8, 64).reshape(1, 8, 8)
@@ -155,6 +155,34 @@ def test_guided_rows_weigh_more_in_the_queue_bound() -> None:
     assert Req(3, seed=0, init_image=X0, mask=MASK, strength=0.5).queue_rows == 3
 
 
+def test_guided_rows_are_admitted_by_their_weight(guided_model: DiffusionModel, run_engine) -> None:
+    async def body(engine: Engine) -> None:
+        running = engine.submit(Req(2, seed=0, sampler="ddpm", steps=1000))
+        with pytest.raises(QueueFullError, match="6 more exceed"):  # 3 guided images are 6 rows; 2 + 6 > 6
+            engine.submit(Req(3, seed=1, sampler="ddim", steps=5, class_label=1))
+        engine.submit(Req(2, seed=2, sampler="ddim", steps=5, class_label=1)).cancel()  # 2 + 4 rows fit
+        running.cancel()
+
+    run_engine(body, max_batch_rows=6, max_queue_rows=6)
+
+
+def test_retry_after_counts_the_steps_queued_rows_will_really_run(tiny_model: DiffusionModel, run_engine) -> None:
+    async def body(engine: Engine) -> float:
+        other = engine.submit(Req(4, seed=0, sampler="ddpm", steps=1000, client="b"))
+        await anext(aiter(other.events()))
+        engine._step_seconds = 0.01  # pin the measured iteration time for the estimate
+        # client a's image-to-image rows wait behind b's: at strength 0.1 they run 100 of the plan's 1000 steps
+        queued = engine.submit(Req(4, seed=1, sampler="ddpm", steps=1000, init_image=X0, strength=0.1, client="a"))
+        with pytest.raises(ClientQuotaError) as quota:
+            engine.submit(Req(1, seed=2, sampler="ddim", steps=10, client="a"))
+        queued.cancel()
+        other.cancel()
+        return quota.value.retry_after_s
+
+    retry = run_engine(body, max_batch_rows=4, max_queue_rows=16, max_rows_per_client=4)
+    assert 10.5 <= retry <= 11.0  # the backlog (4 rows × ~990 steps + 4 rows × 100 steps) / 4 rows × 10 ms
+
+
 def test_all_black_mask_returns_the_input_in_one_step(tiny_model: DiffusionModel, run_engine) -> None:
     async def body(engine: Engine) -> tuple:
         h = engine.submit(Req(2, seed=0, sampler="dpmpp_3m", steps=20, init_image=X0, mask=torch.zeros(8, 8)))
@@ -190,7 +218,8 @@ def test_conditioning_bench_measures_every_part(tmp_path: Path) -> None:
         [sys.executable, "bench/conditioning.py", "--model", str(model), "--classifier",
          str(REPO / "model_store/mnist/classifier.safetensors"), "--steps", "3", "--num", "4", "--img2img-num", "3",
          "--strengths", "0.5,1.0", "--inpaint-steps", "3", "--jump-length", "1", "--jump-n-sample", "2",
-         "--per-class", "2", "--classes", "2", "--batch", "8", "--threads", "1",
+         "--per-class", "2", "--classes", "2", "--guidance-steps", "3", "--sweep", "ddim:3:1,ddpm:3:2",
+         "--sweep-per-class", "1", "--batch", "8", "--threads", "1", "--plot", str(tmp_path / "sweep.png"),
          "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -203,3 +232,8 @@ def test_conditioning_bench_measures_every_part(tmp_path: Path) -> None:
     guided = report["guidance"]
     assert guided["guidance_scale"] == 3.0 and [c["class"] for c in guided["classes"]] == [0, 1]
     assert all(c["fld"] >= 0 and c["floor_fld"] >= 0 for c in guided["classes"])
+    assert (guided["sampler"], guided["steps"]) == ("unipc", 3)
+    sweep = report["guidance_sweep"]["points"]
+    assert [(p["sampler"], p["steps"], p["guidance_scale"]) for p in sweep] == [("ddim", 3, 1.0), ("ddpm", 3, 2.0)]
+    assert all(len(p["shares"]) == 2 and 0 <= p["min_share"] <= p["mean_share"] <= 1 for p in sweep)
+    assert (tmp_path / "sweep.png").stat().st_size > 0
