@@ -33,7 +33,7 @@ def test_schemathesis(server_t50: Server, tmp_path: Path) -> None:
     before = http_requests(server_t50)
     cmd = [
         sys.executable, "-m", "schemathesis.cli", "run", f"{server_t50.url}/openapi.json", *CHECKS,
-        "--max-examples", "60", "--seed", "1", "--workers", "2", "--no-color", "--generation-database", "none",
+        "--max-examples", "45", "--seed", "1", "--workers", "2", "--no-color", "--generation-database", "none",
         "--suppress-health-check", "all", "--request-timeout", "60",
         "--report", "json", "--report-json-path", str(tmp_path / "report.json"),
     ]

@@ -207,7 +207,7 @@ def test_queued_stream_gets_keep_alive_comments(model_t1000: Path, tmp_path: Pat
     server = Server(model_t1000, tmp_path, DDPM_MAX_BATCH_ROWS="1", DDPM_SSE_KEEP_ALIVE_S="0.2")
     try:
         ahead = threading.Thread(target=server.client.post, args=("/generate",),
-                                 kwargs={"json": {"sampler": "ddpm", "steps": 1000, "seed": 1}})
+                                 kwargs={"json": {"sampler": "ddpm", "steps": 300, "seed": 1}})
         ahead.start()
         wait_until(lambda: server.metric("ddpm_active_rows", model="tiny-T1000") == 1)
         with server.client.stream("POST", "/generate/stream", json={"sampler": "ddim", "steps": 2}) as r:
