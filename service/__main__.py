@@ -75,6 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         holdout=args.holdout,
         seed=args.seed,
         dtype=args.dtype,
+        device=_device(args.device),
         threads=args.threads,
         sample_every=args.sample_every,
         checkpoint_every=args.checkpoint_every,
@@ -337,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--holdout", type=int, default=1000)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    t.add_argument("--device", default="auto", help="auto | cpu | cuda (auto: cuda when available)")
     t.add_argument("--threads", type=int, default=0)
     t.add_argument("--sample-every", type=int, default=500)
     t.add_argument("--checkpoint-every", type=int, default=250)

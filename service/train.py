@@ -62,6 +62,7 @@ class TrainConfig:
     split_seed: int = 0  # seed of the train / held-out permutation
     seed: int = 0  # seed of initialisation, batches, timesteps and noise
     dtype: str = "float32"  # float32 or bfloat16 (autocast)
+    device: str = "cpu"  # where the UNet trains: cpu or cuda (batches, t and ε are drawn on the CPU either way)
     threads: int = 0  # torch intra-op threads (0 = torch's default)
     sample_every: int = 500  # write a sample grid every N steps (0 = never)
     checkpoint_every: int = 250  # save training state + export the EMA model every N steps
@@ -172,8 +173,9 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     data = to_model_range(images[train_idx])  # (N, C, H, W) in [-1, 1]
     cfg.extra = {**cfg.extra, "data": {"source": str(cfg.data), "images": len(images), "train": len(train_idx)}}
 
+    device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = UNet(cfg.unet_config()).train()
+    model = UNet(cfg.unet_config()).train().to(device)
     ema = EMA(model, cfg.ema_decay)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     spec = _spec(cfg, 0, 0.0)
@@ -183,7 +185,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
 
     state_path = workdir / STATE_FILE
     if resume and state_path.is_file():
-        state = torch.load(state_path, weights_only=True)
+        state = torch.load(state_path, weights_only=True, map_location="cpu")
         model.load_state_dict(state["model"])
         ema.model.load_state_dict(state["ema"])
         ema.updates = state["ema_updates"]
@@ -200,7 +202,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     window: list[float] = []
 
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     bar = Progress(cfg.steps, initial=step, desc="train")
     t0 = time.perf_counter() - seconds
     while step < cfg.steps:
@@ -213,6 +215,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         for group in opt.param_groups:
             group["lr"] = _lr_at(cfg, step)
         weights = loss_weights(schedule.alphas_cumprod, t, cfg.min_snr_gamma)
+        if device.type != "cpu":  # the draws stay on the CPU generators: the same run on any device, resumable
+            x_t, t, eps, weights = (v.to(device, non_blocking=True) for v in (x_t, t, eps, weights))
         with autocast:
             per_row = F.mse_loss(model(x_t, t).float(), eps, reduction="none").mean(dim=(1, 2, 3))
         loss = (weights * per_row).mean()

@@ -62,3 +62,25 @@ def test_engine_on_cuda_gives_a_request_the_same_images_alone_and_amid_traffic(c
 
     alone, amid = asyncio.run(main())
     torch.testing.assert_close(alone.images, amid.images, atol=1e-4, rtol=0)
+
+
+def test_training_on_cuda_follows_the_cpu_run_and_resumes(tmp_path) -> None:
+    """The same draws (CPU generators) on either device: the CUDA run's weights track the CPU run's, and a CUDA
+    run resumed at step 5 ends where the straight one does."""
+    import numpy as np
+
+    from service.train import train
+    from tests.test_train import _config, _state
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "digits.npz"
+    np.savez(data, images=rng.integers(0, 256, (32, 8, 8), dtype=np.uint8))
+    quiet = {"log": lambda *_: None}
+    train(_config(data, tmp_path / "cpu", steps=10, batch_size=8, device="cpu"), **quiet)
+    train(_config(data, tmp_path / "cuda", steps=10, batch_size=8, device="cuda"), **quiet)
+    train(_config(data, tmp_path / "half", steps=5, batch_size=8, device="cuda"), **quiet)
+    train(_config(data, tmp_path / "half", steps=10, batch_size=8, device="cuda"), resume=True, **quiet)
+    cpu, gpu, resumed = (_state(tmp_path / name / "work") for name in ("cpu", "cuda", "half"))
+    for key in cpu["ema"]:
+        torch.testing.assert_close(gpu["ema"][key], cpu["ema"][key], rtol=0, atol=1e-3, msg=key)
+        torch.testing.assert_close(resumed["ema"][key], gpu["ema"][key], rtol=0, atol=1e-5, msg=key)
