@@ -90,3 +90,24 @@ def test_example_digits_come_from_the_held_out_split() -> None:
         matches = np.flatnonzero((images == example.reshape(1, -1)).all(axis=1))
         assert len(matches) >= 1 and set(matches.tolist()) <= set(held.tolist()), (d, matches)
         assert labels[matches[0]] == d
+
+
+@needs_mnist
+def test_guidance_classifier_loads_and_its_accuracy_by_t_reproduces_on_test_digits() -> None:
+    """The shipped noise-aware classifier verifies its hash, fits the model, recommends a scale, and on 2,000 test
+    digits noised by q(x_t | x_0) its accuracy at t = 0 and 250 is what its record says (±2 points: other draws)."""
+    from service.diffusion.guidance import load_guidance_classifier
+
+    model = load_model(ENTRY)
+    clf = load_guidance_classifier(ENTRY, spec=model.spec)
+    assert clf is not None and model.guidance is not None
+    assert clf.recommended_guidance_scale == 5.0 and "training split" in clf.info["training"]["split"]
+    images, labels = to_model_range(load_images(IMAGES))[:2000], load_labels(LABELS)[:2000]
+    g = torch.Generator().manual_seed(0)
+    for t in (0, 250):
+        abar = model.schedule.alphas_cumprod[t].double()
+        x_t = (abar.sqrt() * images + (1 - abar).sqrt() * torch.randn(images.shape, generator=g)).float()
+        with torch.no_grad():
+            pred = clf(x_t, torch.full((len(x_t),), t)).argmax(1)
+        accuracy = float((pred == labels).double().mean())
+        assert accuracy == pytest.approx(clf.info["accuracy_by_t"][str(t)], abs=0.02), t
