@@ -215,8 +215,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         for group in opt.param_groups:
             group["lr"] = _lr_at(cfg, step)
         weights = loss_weights(schedule.alphas_cumprod, t, cfg.min_snr_gamma)
-        if device.type != "cpu":  # the draws stay on the CPU generators: the same run on any device, resumable
-            x_t, t, eps, weights = (v.to(device, non_blocking=True) for v in (x_t, t, eps, weights))
+        # the draws stay on the CPU generators: the same run on any device, resumable (.to is a no-op on the CPU)
+        x_t, t, eps, weights = (v.to(device, non_blocking=True) for v in (x_t, t, eps, weights))
         with autocast:
             per_row = F.mse_loss(model(x_t, t).float(), eps, reduction="none").mean(dim=(1, 2, 3))
         loss = (weights * per_row).mean()
