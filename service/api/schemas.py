@@ -258,6 +258,10 @@ class ModelResponse(BaseModel):
     max_steps: dict[str, int] = Field(description="the most steps each sampler can run")
     timestep_spacings: dict[str, list[str]] = Field(description="the spacings each sampler supports")
     default_timestep_spacing: dict[str, str] = Field(description="the model's spacing for each sampler")
+    resampling_samplers: list[str] = Field(
+        description="the samplers inpainting's RePaint resampling (jump_n_sample > 1) works with: those that keep no "
+        "solver history between steps"
+    )
     max_images_per_request: int
     examples: list[str] = Field(description="example images for GET /noise")
     ready: bool = Field(description="its engine is warm and admits work")

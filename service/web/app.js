@@ -264,6 +264,7 @@ const model = {
   maxSteps: {}, // {sampler: steps}
   spacings: {}, // {sampler: [spacing, …]}
   defaultSpacing: {}, // {sampler: spacing}
+  resamplingSamplers: [], // the samplers RePaint's resampling (jump_length, jump_n_sample) works with
   conditioning: [], // among "image_to_image", "inpainting", "class_guidance"
   numClasses: null, // class_label is 0..numClasses-1; null: no guidance classifier
   defaultGuidance: null, // guidance_scale the server uses when a class_label request has none
@@ -326,6 +327,7 @@ async function loadModelInfo() {
     model.maxSteps = info.max_steps ?? {};
     model.spacings = info.timestep_spacings ?? {};
     model.defaultSpacing = info.default_timestep_spacing ?? {};
+    model.resamplingSamplers = info.resampling_samplers ?? [];
     model.conditioning = info.conditioning ?? [];
     model.numClasses = info.num_classes ?? null;
     model.defaultGuidance = info.default_guidance_scale ?? null;
@@ -566,8 +568,6 @@ function generate(ev) {
  *  that PNG: the server converts it to the model's channels and size (Lanczos), so strokes arrive anti-aliased. */
 const EXPORT_SCALE = 4;
 const MASK_COLOUR = "rgb(255, 0, 0)"; // painted opaque, shown at half opacity (style.css .mask-overlay)
-/** Samplers that RePaint's resampling (jump_length, jump_n_sample) works with: no per-row solver history. */
-const RESAMPLING_SAMPLERS = ["ddpm", "ddim"];
 
 let stroke = null; // {pointerId, ctx, last: [x, y]} while a pen, finger or mouse button is down
 
@@ -728,7 +728,7 @@ function applySteerSampler() {
   const top = model.maxSteps[name] ?? model.T;
   steps.max = top;
   steps.value = Math.min(QUICK_STEPS[name] ?? model.defaultSteps[name] ?? Number(steps.value), top);
-  $("steer-resample").hidden = !RESAMPLING_SAMPLERS.includes(name);
+  $("steer-resample").hidden = !model.resamplingSamplers.includes(name);
 }
 
 /** What both runs send: the picture as init_image, plus the panel's sampler, steps, images and seed. */

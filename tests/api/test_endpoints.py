@@ -70,6 +70,7 @@ def test_health_ready_and_model(server: Server, model_t1000: Path) -> None:
     assert info["max_steps"]["ddpm"] == T and info["max_steps"]["unipc"] == T - 1
     assert info["timestep_spacings"]["ddim"] == ["leading", "trailing", "linspace"]
     assert info["timestep_spacings"]["dpmpp_2m"] == ["leading", "trailing", "linspace", "karras", "logsnr"]
+    assert info["resampling_samplers"] == ["ddpm", "ddim"]  # RePaint's jumps need samplers without solver history
     # no "sampling" in the tiny model's config.json: diffusers' class defaults
     assert info["default_timestep_spacing"] == {"ddpm": "leading", "ddim": "leading", "dpmpp_2m": "linspace",
                                                 "dpmpp_3m": "linspace", "dpmpp_2m_sde": "linspace",
