@@ -17,6 +17,10 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v.strip())
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
 def _dtype(name: str, device: str = "cpu"):
     import torch
 
@@ -71,6 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         min_lr_ratio=args.min_lr_ratio,
         min_snr_gamma=args.min_snr_gamma,
         ema_decay=args.ema_decay,
+        extra_ema_decays=args.extra_ema_decays,
         steps=args.steps,
         holdout=args.holdout,
         seed=args.seed,
@@ -333,7 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant", help="after warm-up")
     t.add_argument("--min-lr-ratio", type=float, default=0.0, help="floor of the cosine decay (fraction of --lr)")
     t.add_argument("--min-snr-gamma", type=float, default=0.0, help="min-SNR-γ loss weighting (e.g. 5); 0 = plain")
-    t.add_argument("--ema-decay", type=float, default=0.999)
+    t.add_argument("--ema-decay", type=float, default=0.999, help="decay of the exported EMA")
+    t.add_argument("--extra-ema-decays", type=_floats, default=(),
+                   help="e.g. 0.995,0.998: more EMAs of the same run, exported to WORKDIR/ema_<d> (and snapshots)")
     t.add_argument("--steps", type=int, default=10_000)
     t.add_argument("--holdout", type=int, default=1000)
     t.add_argument("--seed", type=int, default=0)

@@ -56,7 +56,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # floor of the cosine decay, as a fraction of lr
     min_snr_gamma: float = 0.0  # > 0: weight each ε-loss term by min(SNR_t, γ)/SNR_t (Hang et al. 2023); 0 = plain
     grad_clip: float = 1.0  # max global gradient norm
-    ema_decay: float = 0.999  # EMA decay (with the usual (1+n)/(10+n) warm-up)
+    ema_decay: float = 0.999  # EMA decay (with the usual (1+n)/(10+n) warm-up); this EMA is what gets exported
+    extra_ema_decays: tuple[float, ...] = ()  # more EMAs of the same run, for measuring the decay (WORKDIR/ema_<d>)
     steps: int = 10_000  # total optimisation steps
     holdout: int = 1000  # images held out for evaluation (never trained on)
     split_seed: int = 0  # seed of the train / held-out permutation
@@ -88,7 +89,11 @@ class TrainConfig:
 
 
 class EMA:
-    """Exponential moving average of parameters: θ_ema ← d·θ_ema + (1-d)·θ, d = min(decay, (1+n)/(10+n))."""
+    """Exponential moving average of parameters: θ_ema ← d·θ_ema + (1-d)·θ, d = min(decay, (1+n)/(10+n)).
+
+    The warm-up governs until (1+n)/(10+n) reaches the decay, at n = (10d − 1)/(1 − d): step 1,790 for 0.995, 8,990
+    for 0.999, 17,990 for 0.9995. Until then EMAs of different decays are the same average.
+    """
 
     def __init__(self, model: torch.nn.Module, decay: float) -> None:
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -132,8 +137,11 @@ def _trim_loss_log(path: Path, step: int) -> None:
         path.write_text("".join(ln + "\n" for ln in lines))
 
 
-def _spec(cfg: TrainConfig, step: int, seconds: float) -> ModelSpec:
+def _spec(cfg: TrainConfig, step: int, seconds: float, ema_decay: float | None = None) -> ModelSpec:
+    """The exported entry's spec; ``ema_decay`` names which of the run's EMAs it holds (default: the primary)."""
     info = {k: v for k, v in asdict(cfg).items() if k != "extra"}
+    if ema_decay is not None:
+        info["ema_decay"] = ema_decay
     extra = {"training": {**info, "steps_done": step, "train_seconds": round(seconds, 1)}, **cfg.extra}
     return ModelSpec(
         name=cfg.name,
@@ -144,13 +152,15 @@ def _spec(cfg: TrainConfig, step: int, seconds: float) -> ModelSpec:
     )
 
 
-def _save_state(path: Path, step: int, seconds: float, model, ema: EMA, opt, gens: dict) -> None:
+def _save_state(path: Path, step: int, seconds: float, model, ema: EMA, extra_emas: dict[float, EMA], opt,
+                gens: dict) -> None:
     state = {
         "step": step,
         "seconds": seconds,
         "model": model.state_dict(),
         "ema": ema.model.state_dict(),
         "ema_updates": ema.updates,
+        "extra_emas": {str(d): e.model.state_dict() for d, e in extra_emas.items()},
         "optimizer": opt.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "generators": {k: g.get_state() for k, g in gens.items()},
@@ -177,6 +187,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     torch.manual_seed(cfg.seed)
     model = UNet(cfg.unet_config()).train().to(device)
     ema = EMA(model, cfg.ema_decay)
+    extra_emas = {d: EMA(model, d) for d in cfg.extra_ema_decays}
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     spec = _spec(cfg, 0, 0.0)
     schedule = spec.make_schedule()
@@ -189,6 +200,10 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         model.load_state_dict(state["model"])
         ema.model.load_state_dict(state["ema"])
         ema.updates = state["ema_updates"]
+        for d, extra in extra_emas.items():
+            # a decay added on resume starts from the exported EMA: exact while the warm-up still governs both
+            extra.model.load_state_dict(state.get("extra_emas", {}).get(str(d), state["ema"]))
+            extra.updates = ema.updates
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         for k, g in gens.items():
@@ -224,7 +239,8 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        ema.update(model)
+        for e in (ema, *extra_emas.values()):
+            e.update(model)
         step += 1
         seconds = time.perf_counter() - t0
         window.append(loss.item())
@@ -240,10 +256,15 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
             imgs = sample(preview, 16, seed=0, sampler="ddim", steps=20)
             (workdir / f"samples_{step:06d}.png").write_bytes(png_bytes(grid(imgs, nrow=4), scale=2))
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            _save_state(state_path, step, seconds, model, ema, opt, gens)
+            _save_state(state_path, step, seconds, model, ema, extra_emas, opt, gens)
             save_model(_spec(cfg, step, seconds), ema.model, cfg.out)
+            for d, extra in extra_emas.items():
+                save_model(_spec(cfg, step, seconds, ema_decay=d), extra.model, workdir / f"ema_{d:g}")
         if cfg.snapshot_every and step % cfg.snapshot_every == 0:
             save_model(_spec(cfg, step, seconds), ema.model, workdir / "snapshots" / f"step_{step:06d}")
+            for d, extra in extra_emas.items():
+                snapshot = workdir / "snapshots" / f"ema_{d:g}" / f"step_{step:06d}"
+                save_model(_spec(cfg, step, seconds, ema_decay=d), extra.model, snapshot)
     bar.close()
     log(f"trained {step} steps in {seconds:.0f} s; EMA model written to {cfg.out}")
     return Path(cfg.out)

@@ -108,6 +108,31 @@ def test_resume_continues_exactly(npz: Path, tmp_path: Path) -> None:
 
 
 
+def test_extra_emas_track_the_same_run_and_survive_a_resume(npz: Path, tmp_path: Path) -> None:
+    def assert_same(a: dict, b: dict, same: bool = True) -> None:
+        diffs = [float((a[k] - b[k]).abs().max()) for k in a]
+        assert (max(diffs) <= 1e-6) is same, max(diffs)
+
+    # (1+n)/(10+n) governs 0.99 and 0.999 for all 60 steps (they are the same average); 0.8 takes over at n = 35
+    decays = (0.999, 0.8)
+    straight = _config(npz, tmp_path / "a", steps=60, batch_size=8, ema_decay=0.99, extra_ema_decays=decays)
+    train(straight, log=lambda *_: None)
+    # the other run adds its extra EMAs only on resume, at step 30 (still inside the warm-up of both)
+    train(_config(npz, tmp_path / "b", steps=30, batch_size=8, ema_decay=0.99), log=lambda *_: None)
+    train(_config(npz, tmp_path / "b", steps=60, batch_size=8, ema_decay=0.99, extra_ema_decays=decays),
+          resume=True, log=lambda *_: None)
+
+    a, b = _state(tmp_path / "a" / "work"), _state(tmp_path / "b" / "work")
+    for d in ("0.999", "0.8"):
+        assert_same(a["extra_emas"][d], b["extra_emas"][d])
+    assert_same(a["extra_emas"]["0.999"], a["ema"])
+    assert_same(a["extra_emas"]["0.8"], a["ema"], same=False)  # a shorter average once past its warm-up
+    assert_same(a["extra_emas"]["0.8"], a["model"], same=False)
+    entry = load_model(tmp_path / "a" / "work" / "ema_0.8")
+    assert entry.spec.extra["training"]["ema_decay"] == 0.8
+    assert_same(a["extra_emas"]["0.8"], entry.unet.state_dict())
+
+
 def test_exported_entry_loads_and_records_training(npz: Path, tmp_path: Path) -> None:
     cfg = _config(npz, tmp_path, steps=3, extra={"command": "pytest"})
     out = train(cfg, log=lambda *_: None)
