@@ -128,6 +128,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=100, help="rows per UNet forward (engine max_batch_rows)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where the engine runs the UNet")
+    p.add_argument("--classifier", default=None, help="the evaluator's classifier (default: the model's own)")
     p.add_argument("--json", default="docs/sampler_quality.json")
     p.add_argument("--plot", default="docs/sampler_quality.png")
     p.add_argument("--resume", action="store_true", help="keep the points already in --json")
@@ -135,8 +137,8 @@ def main() -> None:
     args = p.parse_args()
 
     args.threads = claim_threads_for_worker(args.threads)
-    model = load_model(args.model)
-    ev = Evaluator.for_model(model, args.model)
+    model = load_model(args.model, device=args.device)
+    ev = Evaluator.for_model(model, args.model, classifier_path=args.classifier)
     out = Path(args.json)
     rows: list[dict] = json.loads(out.read_text())["points"] if args.resume and out.is_file() else []
     done = {(r["sampler"], r["spacing"], r["steps"], r["num"]) for r in rows}
@@ -157,7 +159,8 @@ def main() -> None:
         print(f"{sampler}:{row['spacing']}-{steps} N={num}: FLD {row['fld']:.2f} (floor {row['floor_fld']:.2f}), "
               f"{row['images_per_s']:.2f} images/s", flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"model": args.model, "model_sha256": model.sha256, "dtype": args.dtype,
+        out.write_text(json.dumps({"model": args.model, "model_sha256": model.sha256, "device": args.device,
+                                   "dtype": args.dtype,
                                    "batch": args.batch, "threads": args.threads, "evaluation": ev.describe(),
                                    "points": rows}, indent=2) + "\n")
     print(table(rows))
