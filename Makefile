@@ -26,11 +26,11 @@ $(COMPILED): $(STAMP) $(MODEL)/model.safetensors
 compile: $(STAMP)  ## (re)build the compiled UNet, e.g. after changing machines
 	$(PY) -m service compile --model $(MODEL) --max-batch-rows 64
 
-test: $(STAMP)  ## the whole test suite
-	$(PY) -m pytest
+test: $(STAMP)  ## the whole test suite, on every core (pytest-xdist; a file's tests stay on one worker)
+	$(PY) -m pytest -n auto --dist loadfile
 
 test-fast: $(STAMP)  ## everything but the slow tests
-	$(PY) -m pytest -m 'not slow'
+	$(PY) -m pytest -n auto --dist loadfile -m 'not slow'
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -58,18 +59,28 @@ COMPILED_ROWS = 16  # the batch bound the shared compiled artifact is built for
 
 @pytest.fixture(scope="session")
 def compiled_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 16×16 tiny model with a float32 AOTInductor artifact built by ``python -m service compile`` (≈1 min:
-    built once per session, by the CLI itself, so the command is tested too)."""
+    """A 16×16 tiny model with a float32 AOTInductor artifact built by ``python -m service compile`` (≈1.5 min:
+    built once per run, by the CLI itself, so the command is tested too; under pytest-xdist the workers share it,
+    the first one to ask building it under a file lock)."""
     import subprocess
     import sys
 
-    torch.manual_seed(1)
-    spec = ModelSpec(name="tiny-compiled", unet=tiny_unet_config(16))
-    folder = save_model(spec, UNet(spec.unet), tmp_path_factory.mktemp("compiled") / "tiny")
-    done = subprocess.run(
-        [sys.executable, "-m", "service", "compile", "--model", str(folder), "--max-batch-rows", str(COMPILED_ROWS),
-         "--threads", "1"], cwd=REPO, capture_output=True, text=True, timeout=900,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "checked against the eager UNet: OK" in done.stdout, done.stdout
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's temporary folder, shared by its workers
+    folder, built = root / "compiled" / "tiny", root / "compiled" / "built"
+    with FileLock(str(root / "compiled.lock")):
+        if not built.is_file():
+            torch.manual_seed(1)
+            spec = ModelSpec(name="tiny-compiled", unet=tiny_unet_config(16))
+            save_model(spec, UNet(spec.unet), folder)
+            done = subprocess.run(
+                [sys.executable, "-m", "service", "compile", "--model", str(folder), "--max-batch-rows",
+                 str(COMPILED_ROWS), "--threads", "1"], cwd=REPO, capture_output=True, text=True, timeout=900,
+            )
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert "checked against the eager UNet: OK" in done.stdout, done.stdout
+            built.touch()
     return folder
