@@ -43,7 +43,8 @@ train() {  # train WORKDIR OUTDIR STEPS [extra args]
     local work=$1 out=$2 steps=$3; shift 3
     $PY -m service train --data "$DATA/train-images-idx3-ubyte.gz" --holdout 0 --device "$DEVICE" --dtype "$DTYPE" \
         --batch-size "$BATCH" --lr "$LR" --warmup-steps $((steps / 20 + 1)) --lr-schedule cosine \
-        --min-snr-gamma 5 --ema-decay 0.9995 --extra-ema-decays "$EXTRA_EMAS" --steps "$steps" --workdir "$work" --out "$out" "$@"
+        --min-snr-gamma 5 --ema-decay 0.9995 --extra-ema-decays "$EXTRA_EMAS" --steps "$steps" \
+        --workdir "$work" --out "$out" "$@"
 }
 
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),

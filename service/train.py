@@ -152,6 +152,12 @@ def _spec(cfg: TrainConfig, step: int, seconds: float, ema_decay: float | None =
     )
 
 
+def _export(cfg: TrainConfig, step: int, seconds: float, entries: dict[Path, EMA]) -> None:
+    """Write each EMA to its folder as a model-store entry that records its decay."""
+    for folder, ema in entries.items():
+        save_model(_spec(cfg, step, seconds, ema_decay=ema.decay), ema.model, folder)
+
+
 def _save_state(path: Path, step: int, seconds: float, model, ema: EMA, extra_emas: dict[float, EMA], opt,
                 gens: dict) -> None:
     state = {
@@ -257,14 +263,12 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
             (workdir / f"samples_{step:06d}.png").write_bytes(png_bytes(grid(imgs, nrow=4), scale=2))
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             _save_state(state_path, step, seconds, model, ema, extra_emas, opt, gens)
-            save_model(_spec(cfg, step, seconds), ema.model, cfg.out)
-            for d, extra in extra_emas.items():
-                save_model(_spec(cfg, step, seconds, ema_decay=d), extra.model, workdir / f"ema_{d:g}")
+            _export(cfg, step, seconds,
+                    {Path(cfg.out): ema, **{workdir / f"ema_{d:g}": e for d, e in extra_emas.items()}})
         if cfg.snapshot_every and step % cfg.snapshot_every == 0:
-            save_model(_spec(cfg, step, seconds), ema.model, workdir / "snapshots" / f"step_{step:06d}")
-            for d, extra in extra_emas.items():
-                snapshot = workdir / "snapshots" / f"ema_{d:g}" / f"step_{step:06d}"
-                save_model(_spec(cfg, step, seconds, ema_decay=d), extra.model, snapshot)
+            snapshots, name = workdir / "snapshots", f"step_{step:06d}"
+            _export(cfg, step, seconds,
+                    {snapshots / name: ema, **{snapshots / f"ema_{d:g}" / name: e for d, e in extra_emas.items()}})
     bar.close()
     log(f"trained {step} steps in {seconds:.0f} s; EMA model written to {cfg.out}")
     return Path(cfg.out)

@@ -232,7 +232,7 @@ class Conditioning:
                              f"need strength >= 1/steps = {1 / steps:.4g}, or more steps")
         if c.resampling:
             s = get_sampler(sampler)
-            if s.history_slots:
+            if not s.supports_resampling:
                 raise ValueError(f"resampling (jump_n_sample > 1) works with the samplers that keep no history "
                                  f"(ddpm, ddim), not {sampler!r}")
             n = c.row_steps(steps)

@@ -129,6 +129,11 @@ class Sampler(ABC):
     uses_eta: bool = False
     clips_pred_x0: bool = False  # clips x̂_0 when the model's options ask for it (DDPM, DDIM: diffusers' clip_sample)
 
+    @property
+    def supports_resampling(self) -> bool:
+        """RePaint's jumps back re-noise x mid-plan: only a sampler that keeps no solver history can follow them."""
+        return not self.history_slots
+
     def max_steps(self, num_train_timesteps: int) -> int:
         return num_train_timesteps
 
