@@ -40,6 +40,7 @@ from typing import TypeVar
 
 import torch
 
+from service.config import Settings
 from service.diffusion.checkpoint import DiffusionModel, load_model
 from service.engine.batcher import Engine, EngineSettings, claim_threads_for_worker
 from service.engine.client import EngineError, GenerationRequest
@@ -179,6 +180,32 @@ async def engine_ddim_seconds(engine: Engine, images: int, batch: int, steps: in
     for handle in handles:
         await handle.result()
     return time.perf_counter() - start
+
+
+def gemm_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    """GFLOP/s of an n×n matmul in ``dtype`` on the calling thread (best of 3 timings of ``reps``): the ceiling
+    that one UNet image-step's FLOPs are measured against."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, (time.perf_counter() - start) / reps)
+    return 2 * n**3 / best / 1e9
+
+
+def unet_gflop(model: DiffusionModel) -> float:
+    """GFLOP of one image-step of the UNet (convolutions, matmuls and attention, as torch's FlopCounterMode
+    counts them; norms and activations are not counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    s = model.spec
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model.unet(torch.zeros(1, s.channels, s.image_size, s.image_size), torch.zeros(1, dtype=torch.long))
+    return counter.get_total_flops() / 1e9
 
 
 def has_compiled(model: DiffusionModel, dtype: str, batch: int) -> bool:
@@ -329,6 +356,13 @@ def main() -> None:
         on_own_thread(lambda: forward_profile(args), args.threads)
         return
     configs = asyncio.run(measure(args))
+    ceiling = on_own_thread(lambda: gemm_gflops(torch.bfloat16), args.threads)  # same run, same threads
+    gflop = unet_gflop(configs[0]["model"])
+    defaults = Settings()
+    default_dtype, default_compiled = defaults.resolved_dtype(), defaults.compiled
+    # what the server runs with no settings: the default dtype, compiled when the artifact is valid, else eager
+    engine_rows = [c for c in configs if c["impl"] != "diffusers" and ENGINE_DTYPES[c["dtype"]] == default_dtype]
+    defaults_config = max(engine_rows, key=lambda c: c["compiled"] == default_compiled, default=None)
     T = configs[0]["model"].spec.num_train_timesteps
     rows = []
     for c in configs:
@@ -340,21 +374,28 @@ def main() -> None:
             "ddpm_images_per_s": args.batch / (per_step * T),
             "ddpm_image_steps_per_s": args.batch / per_step,
             "ddpm_step_s_rounds": c["step_s"],
+            "ceiling_fraction": args.batch / per_step * gflop / ceiling,
+            "project_defaults": c is defaults_config,
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = next(r for r in rows if r["impl"] == "diffusers" and r["dtype"] == "fp32")
     print(f"\n{args.images} images, batch {args.batch}, {args.threads} thread(s); DDPM-1000 extrapolated from the "
-          f"median of {args.rounds} interleaved rounds of {args.ddpm_steps} steps\n")
+          f"median of {args.rounds} interleaved rounds of {args.ddpm_steps} steps; {gflop:.3f} GFLOP per image-step; "
+          f"bf16 {2048}² matmul ceiling {ceiling:.0f} GFLOP/s; * = the project's defaults "
+          f"(dtype {defaults.dtype} → {default_dtype}, compiled {default_compiled})\n")
     print(f"| implementation | dtype | DDIM-{args.ddim_steps} images/s | DDPM-1000 images/s | image-steps/s (DDPM) "
-          "| × diffusers fp32 (DDIM / DDPM) |")
-    print("|---|---|---|---|---|---|")
+          "| × diffusers fp32 (DDIM / DDPM) | of the bf16 ceiling |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['impl']} | {r['dtype']} | {r['ddim_images_per_s']:.2f} | {r['ddpm_images_per_s']:.3f} | "
+        star = " *" if r["project_defaults"] else ""
+        print(f"| {r['impl']}{star} | {r['dtype']} | {r['ddim_images_per_s']:.2f} | {r['ddpm_images_per_s']:.3f} | "
               f"{r['ddpm_image_steps_per_s']:.0f} | {r['ddim_images_per_s'] / base['ddim_images_per_s']:.2f} / "
-              f"{r['ddpm_images_per_s'] / base['ddpm_images_per_s']:.2f} |")
+              f"{r['ddpm_images_per_s'] / base['ddpm_images_per_s']:.2f} | {100 * r['ceiling_fraction']:.0f} % |")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        args.json.write_text(json.dumps({"gflop_per_image_step": gflop, "bf16_gemm_gflops": ceiling,
+                                         "threads": args.threads, "batch": args.batch, "images": args.images,
+                                         "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -23,12 +23,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from service.config import Settings  # noqa: E402
 from service.diffusion.checkpoint import load_model  # noqa: E402
+from service.diffusion.pipeline import prepare_unet  # noqa: E402
 from service.diffusion.rows import RowGroup, batched_step  # noqa: E402
 from service.diffusion.runner import UNetRunner  # noqa: E402
 
 
-def measure(model, runner: UNetRunner, rows: int, groups: int, sampler: str, reps: int) -> dict:
+def measure(model, runner: UNetRunner, dtype: torch.dtype, rows: int, groups: int, sampler: str, reps: int) -> dict:
     forward_s: list[float] = []
 
     def timed_forward(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -42,10 +44,10 @@ def measure(model, runner: UNetRunner, rows: int, groups: int, sampler: str, rep
     for rep in range(reps + 2):  # two warm-ups
         gs = [RowGroup.start(model, per, seed=rep * 1000 + i, sampler=sampler, steps=50, eta=0.0, spacing=None,
                              device="cpu") for i in range(groups)]
-        batched_step(model, gs, torch.float32, runner)  # first step: multistep history starts
+        batched_step(model, gs, dtype, runner)  # first step: multistep history starts
         forward_s.clear()
         start = time.perf_counter()
-        batched_step(model, gs, torch.float32, timed_forward)
+        batched_step(model, gs, dtype, timed_forward)
         if rep >= 2:
             iteration_s.append(time.perf_counter() - start)
             inner_s.append(forward_s[0])
@@ -62,27 +64,31 @@ def main() -> None:
     p.add_argument("--rows", default="1,16,64")
     p.add_argument("--samplers", default="ddim,ddpm,unipc")
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--dtype", default="auto", help="as DDPM_DTYPE (default: the server's default, auto)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
     sizes = [int(r) for r in args.rows.split(",")]
-    runner = UNetRunner(model, torch.float32)
+    dtype_name = Settings(device="cpu", dtype=args.dtype).resolved_dtype()
+    dtype = getattr(torch, dtype_name)
+    prepare_unet(model, dtype)
+    runner = UNetRunner(model, dtype)
     runner.prepare(max(sizes))
     out = []
-    print(f"compiled UNet: {runner.compiled}\n")
+    print(f"dtype {dtype_name}, compiled UNet: {runner.compiled}\n")
     print("| rows | requests | sampler | iteration ms | forward ms | rest ms | rest / forward |")
     print("|---|---|---|---|---|---|---|")
     for rows in sizes:
         for groups in sorted({1, rows}):
             for sampler in args.samplers.split(","):
-                r = measure(model, runner, rows, groups, sampler, args.reps)
+                r = measure(model, runner, dtype, rows, groups, sampler, args.reps)
                 out.append(r)
                 print(f"| {rows} | {groups} | {sampler} | {r['iteration_ms']:.2f} | {r['forward_ms']:.2f} | "
                       f"{r['overhead_ms']:.2f} | {100 * r['overhead_vs_forward']:.1f} % |", flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"command": " ".join(sys.argv), "compiled": runner.compiled, "rows": out},
-                                        indent=2) + "\n")
+        record = {"command": " ".join(sys.argv), "dtype": dtype_name, "compiled": runner.compiled, "rows": out}
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from service.config import Settings  # noqa: E402
 from service.diffusion.checkpoint import load_model  # noqa: E402
 from service.engine.batcher import Engine, EngineSettings, claim_threads_for_worker  # noqa: E402
 from service.engine.client import GenerationRequest  # noqa: E402
@@ -204,7 +205,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--max-batch-rows", type=int, default=64)
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="auto", help="as DDPM_DTYPE (default: the server's default, auto)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--compiled", choices=["auto", "off"], default="auto",
@@ -212,6 +213,7 @@ def main() -> None:
     p.add_argument("--json", default=None, help="also write the result here")
     args = p.parse_args()
     args.threads = claim_threads_for_worker(args.threads)  # as the server does (service/api/app.py)
+    args.dtype = Settings(device=args.device, dtype=args.dtype).resolved_dtype()  # both paths run the same dtype
     result = asyncio.run(run(args))
     print(json.dumps(result, indent=2))
     if args.json:

@@ -33,26 +33,30 @@ from service.evaluate import Evaluator
 
 
 async def engine_images(model: DiffusionModel, sampler: str, spacing: str | None, steps: int, num: int, batch: int,
-                        dtype: str, threads: int) -> tuple[torch.Tensor, float]:
-    """(images (num, C, H, W), seconds from the first submission to the last result) through a fresh engine."""
+                        dtype: str, threads: int, seed0: int = 0,
+                        compiled: str = "auto") -> tuple[torch.Tensor, float, dict]:
+    """(images (num, C, H, W), seconds from the first submission to the last result, engine stats) through a fresh
+    engine; request i (of ``batch`` images) has seed ``seed0 + i``."""
     settings = EngineSettings(max_batch_rows=batch, max_queue_rows=max(num, batch), dtype=dtype, threads=threads,
-                              request_timeout_s=1e6)
+                              request_timeout_s=1e6, compiled=compiled)
     engine = Engine(model, settings)
     await engine.start()
     try:
         sizes = [min(batch, num - start) for start in range(0, num, batch)]
         start = time.perf_counter()
-        handles = [engine.submit(GenerationRequest(n, seed=i, sampler=sampler, steps=steps, timestep_spacing=spacing,
-                                                   timeout_s=1e6)) for i, n in enumerate(sizes)]
+        handles = [engine.submit(GenerationRequest(n, seed=seed0 + i, sampler=sampler, steps=steps,
+                                                   timestep_spacing=spacing, timeout_s=1e6))
+                   for i, n in enumerate(sizes)]
         results = [await h.result() for h in handles]
-        return torch.cat([r.images for r in results]), time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        return torch.cat([r.images for r in results]), seconds, engine.stats()
     finally:
         await engine.drain(timeout_s=5)
 
 
 def measure_point(args: argparse.Namespace, model: DiffusionModel, ev: Evaluator, sampler: str, spacing: str | None,
                   steps: int, num: int) -> dict:
-    images, seconds = asyncio.run(engine_images(model, sampler, spacing, steps, num, args.batch, args.dtype,
+    images, seconds, _ = asyncio.run(engine_images(model, sampler, spacing, steps, num, args.batch, args.dtype,
                                                 args.threads))
     score = ev.score(images)
     floor = ev.floor(num, seed=0)

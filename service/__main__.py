@@ -13,6 +13,10 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 
+AUTO_DTYPE = ("auto (default): bfloat16 on CUDA and on CPUs with avx512_bf16 or AMX (no measurable quality cost, "
+              "docs/benchmarks.md), float32 elsewhere")
+
+
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v.strip())
 
@@ -260,7 +264,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     dtype = _dtype(args.dtype, _device(args.device))
     start = time.perf_counter()
     package = compile_unet(model, Path(args.out or args.model), dtype, args.max_batch_rows)
-    print(f"compiled {args.model} ({args.dtype}, 1..{args.max_batch_rows} rows) in {time.perf_counter() - start:.0f} s"
+    print(f"compiled {args.model} ({dtype}, 1..{args.max_batch_rows} rows) in {time.perf_counter() - start:.0f} s"
           f" -> {package}")
     runner = UNetRunner(model, dtype)
     if args.out is None:  # check what the server will load
@@ -376,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--guidance-scale", type=float, default=None,
                    help="classifier guidance scale s >= 0; default: the classifier's recommended scale, else 1")
     s.add_argument("--batch", type=int, default=None)
-    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default="float32")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default="auto", help=AUTO_DTYPE)
     s.add_argument("--device", default="auto", help="auto | cpu | cuda")
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("--compiled", choices=["auto", "off"], default="auto", help="auto: the model's compiled UNet")
@@ -399,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sampler_arguments(e, default="ddim")
     e.add_argument("--num", type=int, default=1000, help="generated images (and real training digits for the floor)")
     e.add_argument("--batch", type=int, default=250)
-    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default="float32")
+    e.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default="auto", help=AUTO_DTYPE)
     e.add_argument("--device", default="auto", help="auto | cpu | cuda")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--threads", type=int, default=0)
@@ -415,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("compile", help="AOT-compile the model's UNet for this machine (needs a C++ compiler)")
     k.add_argument("--model", default="model_store/mnist")
-    k.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default="float32")
+    k.add_argument("--dtype", choices=["float32", "bfloat16", "float16", "auto"], default="auto", help=AUTO_DTYPE)
     k.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     k.add_argument("--max-batch-rows", type=int, default=64, help="largest batch served (DDPM_MAX_BATCH_ROWS)")
     k.add_argument("--threads", type=int, default=0)

@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA when available, else CPU")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
-        "float32", description="UNet compute dtype; auto = bfloat16 on CUDA and CPUs with avx512_bf16/AMX, else float32"
+        "auto", description="UNet compute dtype; auto = bfloat16 on CUDA and CPUs with avx512_bf16/AMX, else float32"
     )
     examples_dir: str | None = Field(
         None, description="example PNGs for GET /noise of the default model; default <model>/examples"

@@ -77,8 +77,9 @@ def compiled_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             spec = ModelSpec(name="tiny-compiled", unet=tiny_unet_config(16))
             save_model(spec, UNet(spec.unet), folder)
             done = subprocess.run(
-                [sys.executable, "-m", "service", "compile", "--model", str(folder), "--max-batch-rows",
-                 str(COMPILED_ROWS), "--threads", "1"], cwd=REPO, capture_output=True, text=True, timeout=900,
+                [sys.executable, "-m", "service", "compile", "--model", str(folder), "--dtype", "float32",
+                 "--max-batch-rows", str(COMPILED_ROWS), "--threads", "1"],
+                cwd=REPO, capture_output=True, text=True, timeout=900,
             )
             assert done.returncode == 0, done.stdout + done.stderr
             assert "checked against the eager UNet: OK" in done.stdout, done.stdout

@@ -39,7 +39,11 @@ def test_offline_bench_compares_engine_and_diffusers(tiny_model_dir: Path, tmp_p
     out = tmp_path / "offline.json"
     run_bench("engine_offline.py", "--model", str(tiny_model_dir), "--images", "4", "--batch", "2",
               "--ddim-steps", "3", "--ddpm-steps", "2", "--rounds", "2", "--threads", "1", "--json", str(out))
-    rows = json.loads(out.read_text())
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert result["gflop_per_image_step"] > 0 and result["bf16_gemm_gflops"] > 0
+    assert sum(r["project_defaults"] for r in rows) == 1  # the engine eager row of the default dtype (no artifact)
+    assert all(r["ceiling_fraction"] > 0 for r in rows)
     got = {(r["impl"], r["dtype"]) for r in rows}
     assert got == {(impl, dtype) for impl in ("diffusers", "engine") for dtype in ("fp32", "bf16")}  # none compiled
     for r in rows:

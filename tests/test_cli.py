@@ -92,7 +92,7 @@ def test_import_diffusers_then_sample_ddim_equals_diffusers(
     assert cfg["name"] == "small" and cfg["clip_sample"] is True
     proc = run_cli(
         "sample", "--model", str(store), "--sampler", "ddim", "--steps", "10", "--num", str(N),
-        "--init-noise", str(init_noise), "--device", "cpu", "--threads", "1", "--out", str(out),
+        "--init-noise", str(init_noise), "--device", "cpu", "--dtype", "float32", "--threads", "1", "--out", str(out),
     )
     assert "ddim-10" in proc.stderr  # the progress bar
     images = np.load(out, allow_pickle=False)
@@ -135,7 +135,7 @@ def store(diffusers_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 def _sample(store: Path, init_noise: Path, out: Path, *extra: str) -> None:
     argv = ["sample", "--model", str(store), "--sampler", "ddim", "--steps", "5", "--num", str(N),
-            "--init-noise", str(init_noise), "--device", "cpu", "--out", str(out), *extra]
+            "--init-noise", str(init_noise), "--device", "cpu", "--dtype", "float32", "--out", str(out), *extra]
     assert main(argv) == 0
 
 
@@ -366,7 +366,7 @@ def test_cli_sampling_equals_diffusers_on_a_trained_model(
     for label, model in (("folder", trained_dir), ("entry", trained_entry)):
         out = tmp_path / f"{label}.npy"
         argv = ["sample", "--model", str(model), "--sampler", sampler, "--steps", str(TOY_STEPS),
-                "--init-noise", str(toy_noise), "--device", "cpu", "--out", str(out), *extra]
+                "--init-noise", str(toy_noise), "--device", "cpu", "--dtype", "float32", "--out", str(out), *extra]
         assert main(argv) == 0
         results[label] = np.load(out, allow_pickle=False)
         assert results[label].shape == (N, 1, 8, 8)

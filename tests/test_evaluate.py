@@ -201,7 +201,7 @@ def test_evaluate_reports_floor_and_samples(random_digit_model: Path, tmp_path: 
 
     out = tmp_path / "report.json"
     args = ["evaluate", "--model", str(random_digit_model), "--steps", "3", "--num", "24", "--batch", "8"]
-    assert main([*args, "--seed", "1", "--device", "cpu", "--json", str(out)]) == 0
+    assert main([*args, "--seed", "1", "--device", "cpu", "--dtype", "float32", "--json", str(out)]) == 0
     saved = json.loads(out.read_text())
     assert saved["generated"]["fld"] == pytest.approx(report["generated"]["fld"], rel=1e-6)
     assert saved["floor"] == report["floor"] and saved["spacing"] == "leading"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from service.__main__ import build_parser
 from service.config import Settings
 from service.hardware import auto_dtype, cpu_flags
 
@@ -25,3 +26,12 @@ def test_auto_is_bf16_only_with_native_bf16() -> None:
 def test_settings_resolve_auto_for_this_machine() -> None:
     assert Settings(dtype="auto", device="cpu").resolved_dtype() == auto_dtype("cpu")
     assert Settings(dtype="float16").resolved_dtype() == "float16"
+
+
+def test_auto_is_the_default_of_the_server_and_the_cli(monkeypatch) -> None:
+    """bf16 costs no measurable FLD on the default model (docs/benchmarks.md), so it is the default where native."""
+    monkeypatch.delenv("DDPM_DTYPE", raising=False)
+    assert Settings().dtype == "auto" and Settings(device="cpu").resolved_dtype() == auto_dtype("cpu")
+    parser = build_parser()
+    for argv in (["sample", "--out", "x.npy"], ["evaluate"], ["compile"]):
+        assert parser.parse_args(argv).dtype == "auto"

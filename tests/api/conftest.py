@@ -63,6 +63,9 @@ class Server:
             "DDPM_DEVICE": "cpu",
             "DDPM_THREADS": "1",
             "DDPM_LOG_LEVEL": "warning",
+            # exact: responses are compared with the offline float32 pipeline (the default, auto, is bf16 on
+            # CPUs with avx512_bf16; tests/test_hardware.py covers it)
+            "DDPM_DTYPE": "float32",
             **env,
         }
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
