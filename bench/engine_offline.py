@@ -182,7 +182,10 @@ async def engine_ddim_seconds(engine: Engine, images: int, batch: int, steps: in
     return time.perf_counter() - start
 
 
-def gemm_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+GEMM_N = 2048  # the ceiling's matmul size
+
+
+def gemm_gflops(dtype: torch.dtype, n: int = GEMM_N, reps: int = 10) -> float:
     """GFLOP/s of an n×n matmul in ``dtype`` on the calling thread (best of 3 timings of ``reps``): the ceiling
     that one UNet image-step's FLOPs are measured against."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
@@ -382,7 +385,7 @@ def main() -> None:
     base = next(r for r in rows if r["impl"] == "diffusers" and r["dtype"] == "fp32")
     print(f"\n{args.images} images, batch {args.batch}, {args.threads} thread(s); DDPM-1000 extrapolated from the "
           f"median of {args.rounds} interleaved rounds of {args.ddpm_steps} steps; {gflop:.3f} GFLOP per image-step; "
-          f"bf16 {2048}² matmul ceiling {ceiling:.0f} GFLOP/s; * = the project's defaults "
+          f"bf16 {GEMM_N}² matmul ceiling {ceiling:.0f} GFLOP/s; * = the project's defaults "
           f"(dtype {defaults.dtype} → {default_dtype}, compiled {default_compiled})\n")
     print(f"| implementation | dtype | DDIM-{args.ddim_steps} images/s | DDPM-1000 images/s | image-steps/s (DDPM) "
           "| × diffusers fp32 (DDIM / DDPM) | of the bf16 ceiling |")

@@ -28,6 +28,7 @@ from service.diffusion.checkpoint import load_model  # noqa: E402
 from service.diffusion.pipeline import prepare_unet  # noqa: E402
 from service.diffusion.rows import RowGroup, batched_step  # noqa: E402
 from service.diffusion.runner import UNetRunner  # noqa: E402
+from service.engine.batcher import DTYPES  # noqa: E402
 
 
 def measure(model, runner: UNetRunner, dtype: torch.dtype, rows: int, groups: int, sampler: str, reps: int) -> dict:
@@ -71,7 +72,7 @@ def main() -> None:
     model = load_model(args.model)
     sizes = [int(r) for r in args.rows.split(",")]
     dtype_name = Settings(device="cpu", dtype=args.dtype).resolved_dtype()
-    dtype = getattr(torch, dtype_name)
+    dtype = DTYPES[dtype_name]
     prepare_unet(model, dtype)
     runner = UNetRunner(model, dtype)
     runner.prepare(max(sizes))

@@ -57,7 +57,7 @@ async def engine_images(model: DiffusionModel, sampler: str, spacing: str | None
 def measure_point(args: argparse.Namespace, model: DiffusionModel, ev: Evaluator, sampler: str, spacing: str | None,
                   steps: int, num: int) -> dict:
     images, seconds, _ = asyncio.run(engine_images(model, sampler, spacing, steps, num, args.batch, args.dtype,
-                                                args.threads))
+                                                   args.threads))
     score = ev.score(images)
     floor = ev.floor(num, seed=0)
     return {
