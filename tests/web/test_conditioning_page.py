@@ -41,6 +41,13 @@ def canvas(page: Page, selector: str, channel: int = 0) -> np.ndarray:
     return np.array(el.evaluate(CANVAS_JS, channel), np.uint8).reshape(side, -1)
 
 
+def wait_for_example(page: Page) -> None:
+    """Wait until the loaded example is drawn: a colour channel above black (a blank canvas is opaque black, so
+    its alpha is already 255 and cannot tell)."""
+    page.wait_for_function("document.getElementById('steer-canvas').getContext('2d').getImageData(0, 0, 32, 32)"
+                           ".data.some((v, i) => i % 4 !== 3 && v > 0)")
+
+
 def png(b64: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64.split(",", 1)[-1])))
 
@@ -176,8 +183,7 @@ def test_inpaint_keeps_the_known_half(guided_page: Page) -> None:
     base = p.evaluate("location.origin")
     p.locator("#steer-example").select_option("0")  # a ring (tests/web/server.py make_tiny_model)
     p.locator("#steer-load-example").click()
-    p.wait_for_function("document.getElementById('steer-canvas').getContext('2d').getImageData(0, 0, 32, 32)"
-                        ".data.some(v => v === 255 || (v > 0 && v < 255))")
+    wait_for_example(p)
     picture = canvas(p, "#steer-canvas")
     # the example as GET /noise gives x_0 at the model's size, each pixel a 4×4 block of the canvas
     out = httpx.get(f"{base}/noise", params={"image": "0", "t": 0, "format": "json", "include": "x0"}).json()
@@ -302,8 +308,7 @@ def test_controls_follow_the_models_conditioning(guided_page: Page) -> None:
     the switches."""
     p = guided_page
     p.locator("#steer-load-example").click()
-    p.wait_for_function("document.getElementById('steer-canvas').getContext('2d').getImageData(0, 0, 32, 32)"
-                        ".data.some(v => v > 0 && v < 255)")
+    wait_for_example(p)
     picture = canvas(p, "#steer-canvas")
     offered: list[str] = []
 
