@@ -346,7 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--extra-ema-decays", type=_floats, default=(),
                    help="e.g. 0.995,0.998: more EMAs of the same run, exported to WORKDIR/ema_<d> (and snapshots)")
     t.add_argument("--steps", type=int, default=10_000)
-    t.add_argument("--holdout", type=int, default=1000)
+    t.add_argument("--holdout", type=int, default=0,
+                   help="images of --data never trained on, the evaluator's reference when there is no test split "
+                        "(0: train on all of it; MNIST's test split beside --data is the reference)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     t.add_argument("--device", default="auto", help="auto | cpu | cuda (auto: cuda when available)")

@@ -1,7 +1,7 @@
 """Offline sample-quality evaluation with the project's own digit classifier (no download needed).
 
-For N generated images and for the held-out real digits (which neither the diffusion model nor the
-classifier was trained on) it computes
+For N generated images and for the reference digits — a split neither the diffusion model nor the classifier
+was trained on (MNIST's test split for a model trained on the training split) — it computes
 
 * FLD — the Fréchet distance between Gaussians fitted to the classifier's penultimate features,
   d² = ‖μ_g − μ_r‖² + Tr(Σ_g + Σ_r − 2(Σ_g Σ_r)^{1/2}) (Dowson & Landau 1982; FID, Heusel et al.
@@ -9,7 +9,7 @@ classifier was trained on) it computes
 * the mean classifier confidence, mean over images of max_k softmax_k (sharp digits → near 1);
 * the share of each predicted digit (mode dropping shows as a small minimum share).
 
-The *floor* is the same numbers for N real training digits against the held-out digits: what a
+The *floor* is the same numbers for N real training digits against the reference: what a
 perfect generator would score with the same N (FLD is biased upwards at small N, so compare
 generated and floor at equal N).
 """
@@ -82,10 +82,10 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: n
 
 @dataclass
 class SetScore:
-    """Scores of one image set against the held-out reference statistics."""
+    """Scores of one image set against the reference statistics."""
 
     n: int  # images in the set
-    fld: float  # Fréchet distance of its classifier features to the held-out digits'
+    fld: float  # Fréchet distance of its classifier features to the reference digits'
     confidence: float  # mean max-softmax probability
     shares: list[float]  # share of images predicted as each digit 0-9
     accuracy: float | None = None  # classifier accuracy, for real sets with labels

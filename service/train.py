@@ -59,7 +59,7 @@ class TrainConfig:
     ema_decay: float = 0.999  # EMA decay (with the usual (1+n)/(10+n) warm-up); this EMA is what gets exported
     extra_ema_decays: tuple[float, ...] = ()  # more EMAs of the same run, for measuring the decay (WORKDIR/ema_<d>)
     steps: int = 10_000  # total optimisation steps
-    holdout: int = 1000  # images held out for evaluation (never trained on)
+    holdout: int = 0  # images of the data held out for evaluation (never trained on); 0 = train on all
     split_seed: int = 0  # seed of the train / held-out permutation
     seed: int = 0  # seed of initialisation, batches, timesteps and noise
     dtype: str = "float32"  # float32 or bfloat16 (autocast)
