@@ -106,7 +106,7 @@ def test_generate_streams_progress_and_shows_images(page: Page) -> None:
 
 
 def test_invalid_input_shows_422(page: Page) -> None:
-    expect(page.locator("#gen-sampler")).to_have_value("unipc")
+    expect(page.locator("#gen-sampler")).to_have_value("dpmpp_2m_sde")
     page.locator("#gen-steps").fill("5000")
     page.locator("#gen-steps").evaluate("el => el.removeAttribute('max')")  # past the form's own check
     page.locator("#gen-run").click()
@@ -114,8 +114,8 @@ def test_invalid_input_shows_422(page: Page) -> None:
     expect(error).to_be_visible()
     expect(error).to_contain_text("422")
     message = error.text_content() or ""
-    # UniPC takes at most T − 1 steps
-    assert message.startswith("422") and "steps" in message and "1..999" in message and "unipc" in message
+    # SDE-DPM-Solver++ takes at most T − 1 steps
+    assert message.startswith("422") and "steps" in message and "1..999" in message and "dpmpp_2m_sde" in message
     expect(page.locator("#gen-run")).to_be_enabled()
 
 
@@ -129,15 +129,15 @@ def test_sampler_menu_follows_the_model(page: Page) -> None:
     assert options(page, "#gen-sampler") == info["samplers"]
     labels = page.locator("#gen-sampler option").all_text_contents()
     assert "DPM-Solver++ 2M" in labels and "UniPC" in labels and "DDPM (ancestral)" in labels
-    # the default: UniPC, its default steps, no η, spacing left to the model
-    expect(sampler).to_have_value("unipc")
-    assert str(info["default_steps"]["unipc"]) == "20" and str(info["max_steps"]["unipc"]) == "999"
+    # the default: SDE-DPM-Solver++(2M), its default steps, no η, spacing left to the model
+    expect(sampler).to_have_value("dpmpp_2m_sde")
+    assert str(info["default_steps"]["dpmpp_2m_sde"]) == "20" and str(info["max_steps"]["dpmpp_2m_sde"]) == "999"
     expect(steps).to_have_value("20")
     expect(steps).to_have_attribute("max", "999")
     expect(eta).to_be_hidden()
-    assert options(page, "#gen-spacing") == ["", *info["timestep_spacings"]["unipc"]]
+    assert options(page, "#gen-spacing") == ["", *info["timestep_spacings"]["dpmpp_2m_sde"]]
     assert "karras" in options(page, "#gen-spacing")
-    default_label = f"model default ({info['default_timestep_spacing']['unipc']})"
+    default_label = f"model default ({info['default_timestep_spacing']['dpmpp_2m_sde']})"
     expect(page.locator("#gen-spacing option").first).to_have_text(default_label)
     # an explicit karras does not survive a switch to a sampler without it
     spacing_menu.select_option("karras")
