@@ -19,9 +19,10 @@ Checks, each pass/fail with its numbers:
   ``Retry-After``, a dropped one unanswered (or answered before the drop), no key → 401 ``WWW-Authenticate``.
 * ``no_5xx``: none seen by the client, none in ``ddpm_http_requests_total``.
 * ``engine_accounting``: ``ddpm_requests_total`` against the client: ok = answered 200 + *late* (dropped
-  requests the engine finished before it saw the drop), cancelled + late = dropped, rejected = 429s (all
-  ``client_quota``), no timeout or error; ``ddpm_rows_evicted_total{reason="cancelled"}`` = the dropped rows
-  minus the late ones' rows.
+  requests the engine finished before it saw the drop), cancelled + late = dropped but for at most 2 % (one at
+  least) *unseen*, dropped before the server submitted them (a loaded server may not have read the request yet),
+  rejected = 429s (all ``client_quota``), no timeout or error; ``ddpm_rows_evicted_total{reason="cancelled"}``
+  = the rows of the cancelled ones (between the sums of the fewest and the most rows that many drops can have).
 * ``coverage``: every sampler and format completed, every kind ran, bursts got 429s.
 * ``drained``: ``ddpm_queue_depth_rows``, ``ddpm_queue_depth_requests`` and ``ddpm_active_rows`` back to 0
   within 15 s of the end.
@@ -440,13 +441,13 @@ def engine_checks(records: list[Record], m0: dict[str, float], m1: dict[str, flo
     rejected = sum(r.status == 429 for r in records)
     ok, cancelled = outcome("ok"), outcome("cancelled")
     late = ok - answered  # dropped requests the engine finished before it saw the drop
+    unseen = len(dropped) - cancelled - late  # dropped before the server handed them to the engine
     evicted = round(delta('ddpm_rows_evicted_total{reason="cancelled"}'))
     rows = sorted(dropped)
-    lo = sum(rows) - sum(rows[len(rows) - late:]) if 0 < late <= len(rows) else sum(rows)
-    hi = sum(rows) - sum(rows[:late]) if 0 < late <= len(rows) else sum(rows)
+    lo, hi = (sum(rows[:cancelled]), sum(rows[len(rows) - cancelled:])) if 0 < cancelled <= len(rows) else (0, 0)
     quota = round(delta('ddpm_rejected_requests_total{reason="client_quota"}'))
     accounting_ok = (
-        0 <= late <= len(dropped) and cancelled + late == len(dropped) and lo <= evicted <= hi
+        0 <= late <= len(dropped) and 0 <= unseen <= max(1, len(dropped) // 50) and lo <= evicted <= hi
         and outcome("rejected") == rejected == quota and outcome("timeout") == outcome("error") == 0
     )
     server_5xx = {k: v for k in m1 if k.startswith("ddpm_http_requests_total{") and 'status="5' in k
@@ -455,7 +456,7 @@ def engine_checks(records: list[Record], m0: dict[str, float], m1: dict[str, flo
     return [
         check("no_5xx", not client_5xx and not server_5xx, client=client_5xx, server=server_5xx),
         check("engine_accounting", accounting_ok, server_ok=ok, client_200=answered, late=late,
-              server_cancelled=cancelled, client_dropped=len(dropped), rows_evicted_cancelled=evicted,
+              server_cancelled=cancelled, client_dropped=len(dropped), unseen=unseen, rows_evicted_cancelled=evicted,
               expected_rows_evicted=[lo, hi], server_rejected=outcome("rejected"), client_quota=quota,
               client_429=rejected, server_timeout=outcome("timeout"), server_error=outcome("error")),
     ]
