@@ -337,12 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--norm-num-groups", type=int, default=8)
     t.add_argument("--dropout", type=float, default=0.0)
     t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=5e-4)
-    t.add_argument("--warmup-steps", type=int, default=200)
-    t.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant", help="after warm-up")
+    t.add_argument("--lr", type=float, default=8e-4)
+    t.add_argument("--warmup-steps", type=int, default=500)
+    t.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine",
+                   help="after warm-up: cosine decay to --min-lr-ratio at --steps, or constant")
     t.add_argument("--min-lr-ratio", type=float, default=0.0, help="floor of the cosine decay (fraction of --lr)")
-    t.add_argument("--min-snr-gamma", type=float, default=0.0, help="min-SNR-γ loss weighting (e.g. 5); 0 = plain")
-    t.add_argument("--ema-decay", type=float, default=0.999, help="decay of the exported EMA")
+    t.add_argument("--min-snr-gamma", type=float, default=5.0,
+                   help="min-SNR-γ loss weighting (Hang et al. 2023); 0 = plain ε-MSE")
+    t.add_argument("--ema-decay", type=float, default=0.9995, help="decay of the exported EMA")
     t.add_argument("--extra-ema-decays", type=_floats, default=(),
                    help="e.g. 0.995,0.998: more EMAs of the same run, exported to WORKDIR/ema_<d> (and snapshots)")
     t.add_argument("--steps", type=int, default=10_000)

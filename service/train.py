@@ -49,14 +49,14 @@ class TrainConfig:
     num_train_timesteps: int = 1000  # T
     beta_schedule: str = "linear"  # linear 1e-4 → 0.02 (DDPM) or cosine
     batch_size: int = 128
-    lr: float = 5e-4  # AdamW peak learning rate
+    lr: float = 8e-4  # AdamW peak learning rate
     weight_decay: float = 0.0
-    warmup_steps: int = 200  # linear learning-rate warm-up
-    lr_schedule: str = "constant"  # after warm-up: "constant" or "cosine" (decay to min_lr_ratio·lr at `steps`)
+    warmup_steps: int = 500  # linear learning-rate warm-up
+    lr_schedule: str = "cosine"  # after warm-up: "constant" or "cosine" (decay to min_lr_ratio·lr at `steps`)
     min_lr_ratio: float = 0.0  # floor of the cosine decay, as a fraction of lr
-    min_snr_gamma: float = 0.0  # > 0: weight each ε-loss term by min(SNR_t, γ)/SNR_t (Hang et al. 2023); 0 = plain
+    min_snr_gamma: float = 5.0  # > 0: weight each ε-loss term by min(SNR_t, γ)/SNR_t (Hang et al. 2023); 0 = plain
     grad_clip: float = 1.0  # max global gradient norm
-    ema_decay: float = 0.999  # EMA decay (with the usual (1+n)/(10+n) warm-up); this EMA is what gets exported
+    ema_decay: float = 0.9995  # EMA decay (with the usual (1+n)/(10+n) warm-up); this EMA is what gets exported
     extra_ema_decays: tuple[float, ...] = ()  # more EMAs of the same run, for measuring the decay (WORKDIR/ema_<d>)
     steps: int = 10_000  # total optimisation steps
     holdout: int = 0  # images of the data held out for evaluation (never trained on); 0 = train on all

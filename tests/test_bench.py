@@ -125,3 +125,32 @@ def test_training_curve_plots_a_runs_loss_log(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "bench/training_curve.py", "--workdir", str(tmp_path / "w"), "--out",
                            str(out), "--snapshots"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--classifier" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").is_file(), reason=f"MNIST training split not at {MNIST}")
+def test_recipe_ablation_trains_and_scores_each_arm_and_resumes(tmp_path: Path) -> None:
+    out, plot = tmp_path / "a.json", tmp_path / "a.png"
+    common = ["--data", str(MNIST / "train-images-idx3-ubyte.gz"), "--classifier",
+              str(REPO / "model_store/mnist/classifier.safetensors"), "--workdir", str(tmp_path / "runs"),
+              "--steps", "4", "--batch-size", "4", "--warmup-steps", "2", "--num", "20", "--batch", "10",
+              "--threads", "1", "--json", str(out), "--plot", str(plot)]
+    table = run_bench("recipe_ablation.py", *common, "--arms", "base,batch-double").stdout
+    arms = {a["arm"]: a for a in json.loads(out.read_text())["arms"]}
+    assert set(arms) == {"base", "batch-double"}
+    assert arms["base"]["config"]["min_snr_gamma"] == 5.0 and arms["base"]["changes"] == {}
+    doubled = arms["batch-double"]["config"]
+    assert (doubled["batch_size"], doubled["steps"]) == (8, 2)  # the same images seen as the base arm
+    assert arms["base"]["images_seen"] == arms["batch-double"]["images_seen"] == 16
+    for a in arms.values():
+        assert [(p["sampler"], p["steps"], p["num"]) for p in a["points"]] == [("dpmpp_2m_sde", 20, 20),
+                                                                               ("ddim", 50, 20)]
+        assert all(p["fld"] > 0 and p["floor_fld"] > 0 for p in a["points"]) and a["test_eps_mse"] > 0
+    assert "| batch-double | batch_size=8, steps=2, warmup_steps=1 | 2 × 8 |" in table
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # arms already in the JSON are kept; only the new one trains
+    again = run_bench("recipe_ablation.py", *common, "--arms", "base,plain-mse").stdout
+    assert "trained" in again and again.count("trained") == 1
+    arms = {a["arm"]: a for a in json.loads(out.read_text())["arms"]}
+    assert list(arms) == ["base", "plain-mse", "batch-double"]  # in the script's arm order
+    assert arms["plain-mse"]["config"]["min_snr_gamma"] == 0.0

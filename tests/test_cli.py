@@ -383,3 +383,16 @@ def test_imported_toy_model_keeps_the_class_default_spacings(trained_dir: Path, 
         assert [spec.default_spacing(s) for s in ("ddpm", "ddim", "dpmpp_2m", "unipc")] == [
             "leading", "leading", "linspace", "linspace"
         ]
+
+
+def test_train_cli_defaults_are_the_training_configs() -> None:
+    """``python -m service train --data X`` runs TrainConfig's recipe (the shipped model's), flag for field."""
+    import dataclasses
+
+    from service.train import TrainConfig
+
+    args = vars(build_parser().parse_args(["train", "--data", "x.npz"]))
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    shared = {name for name in fields if name in args and name not in ("device",)}
+    assert {"lr", "warmup_steps", "lr_schedule", "min_snr_gamma", "ema_decay", "batch_size", "steps"} <= shared
+    assert {name: args[name] for name in shared} == {name: fields[name] for name in shared}

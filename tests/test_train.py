@@ -50,6 +50,8 @@ def _config(npz: Path, root: Path, steps: int, **kw) -> TrainConfig:
         batch_size=32,
         lr=3e-3,
         warmup_steps=20,
+        lr_schedule="constant",  # a cosine's rate depends on `steps`: runs of different lengths would differ
+        min_snr_gamma=0.0,
         steps=steps,
         holdout=4,
         sample_every=0,
