@@ -74,7 +74,12 @@ def test_eps_mse(model: DiffusionModel, test_images: torch.Tensor, seed: int = 0
     return float(torch.stack(losses).mean())
 
 
-def run_arm(name: str, cfg: TrainConfig, args: argparse.Namespace) -> dict:
+def recipe(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k != "extra"}
+
+
+def run_arm(name: str, changes: dict, cfg: TrainConfig, args: argparse.Namespace) -> dict:
+    """Train (or resume) one arm, then score its EMA; ``train`` sets ``cfg.threads``, the engine samples on its own."""
     out = train(cfg, resume=True)
     losses = [json.loads(line)["loss"] for line in (Path(cfg.workdir) / "loss.jsonl").read_text().splitlines()]
     model = load_model(out)
@@ -83,7 +88,7 @@ def run_arm(name: str, cfg: TrainConfig, args: argparse.Namespace) -> dict:
     points = [measure_point(args, model, ev, s, spacing, steps, args.num) for s, spacing, steps in SAMPLERS]
     training = model.spec.extra["training"]
     return {
-        "arm": name, "config": {k: v for k, v in asdict(cfg).items() if k not in ("extra",)},
+        "arm": name, "changes": changes, "config": recipe(cfg),
         "images_seen": cfg.steps * cfg.batch_size, "train_seconds": training["train_seconds"],
         "final_loss": sum(losses[-10:]) / len(losses[-10:]),
         "test_eps_mse": test_eps_mse(model, ev.reference_images[:1000]),
@@ -124,7 +129,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
             ax.axvspan(min(pair), max(pair), color="grey", alpha=0.25, label="seed spread")
             ax.legend(fontsize=7, loc="lower right")
         if i is not None:
-            ax.axvline(base["points"][i]["floor_fld"] if base else values[0], color="black", linestyle=":")
+            ax.axvline(results[0]["points"][i]["floor_fld"], color="black", linestyle=":")  # the same N for all
         ax.set_title(label, fontsize=9)
         ax.invert_yaxis()
         ax.grid(True, axis="x", alpha=0.3)
@@ -155,34 +160,28 @@ def main() -> None:
     p.add_argument("--fresh", action="store_true", help="ignore arms already in --json")
     args = p.parse_args()
 
-    threads = claim_threads_for_worker(args.threads)
+    args.threads = claim_threads_for_worker(args.threads)
     base = TrainConfig(data=args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                        warmup_steps=args.warmup_steps, lr_schedule="cosine", min_snr_gamma=5.0,
-                       ema_decay=args.ema_decay, dtype=args.dtype, threads=threads, sample_every=0,
+                       ema_decay=args.ema_decay, dtype=args.dtype, threads=args.threads, sample_every=0,
                        checkpoint_every=100, log_every=10)
     out = Path(args.json)
     known = {} if args.fresh or not out.is_file() else {r["arm"]: r for r in json.loads(out.read_text())["arms"]}
-    chosen = arms(base)
-    if args.arms:
-        chosen = {k: chosen[k] for k in args.arms.split(",")}
+    every = arms(base)
+    chosen = {k: every[k] for k in args.arms.split(",")} if args.arms else every
     for name, changes in chosen.items():
         if name in known:
             continue
         workdir = Path(args.workdir) / name
         cfg = replace(base, **changes, workdir=str(workdir), out=str(workdir / "model"))
-        torch.set_num_threads(threads)
-        result = {**run_arm(name, cfg, argparse.Namespace(**{**vars(args), "threads": threads})),
-                  "changes": changes}
-        known[name] = result
+        result = known[name] = run_arm(name, changes, cfg, args)
         print(f"{name}: " + ", ".join(f"{q['sampler']}-{q['steps']} FLD {q['fld']:.2f} (floor {q['floor_fld']:.2f})"
                                       for q in result["points"]) + f", test ε-MSE {result['test_eps_mse']:.4f}",
               flush=True)
-        order = [a for a in arms(base) if a in known]
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"base": {k: v for k, v in asdict(base).items() if k != "extra"},
-                                   "num": args.num, "samplers": [list(s) for s in SAMPLERS],
-                                   "arms": [known[a] for a in order]}, indent=2) + "\n")
-    results = [known[a] for a in arms(base) if a in known]
+        out.write_text(json.dumps({"base": recipe(base), "num": args.num, "samplers": [list(s) for s in SAMPLERS],
+                                   "arms": [known[a] for a in every if a in known]}, indent=2) + "\n")
+    results = [known[a] for a in every if a in known]
     print(table(results))
     plot(results, Path(args.plot), f"Recipe ablations: {args.steps} steps × batch {args.batch_size}, "
                                    f"N = {args.num} per sampler")
