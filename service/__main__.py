@@ -300,9 +300,10 @@ def _by_value(pairs: list[tuple[str, str]]) -> str:
     return ", ".join(f"{value} for {'/'.join(names)}" for value, names in groups.items())
 
 
-def _sampler_arguments(parser: argparse.ArgumentParser, default: str) -> None:
-    """--sampler, --steps, --timestep-spacing and --eta (shared by ``sample`` and ``evaluate``), from the registry."""
-    from service.diffusion.samplers import SAMPLERS, SPACINGS
+def _sampler_arguments(parser: argparse.ArgumentParser, default: str | None = None) -> None:
+    """--sampler (default: the server's, DEFAULT_SAMPLER), --steps, --timestep-spacing and --eta (shared by
+    ``sample`` and ``evaluate``), from the registry."""
+    from service.diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS, SPACINGS
 
     steps = _by_value([(str(s.default_steps or "T"), n) for n, s in SAMPLERS.items()])
     spacing = _by_value([(s.default_spacing, n) for n, s in SAMPLERS.items()])
@@ -311,7 +312,7 @@ def _sampler_arguments(parser: argparse.ArgumentParser, default: str) -> None:
         if set(s.spacings) != set(SPACINGS):
             groups.setdefault("/".join(s.spacings), []).append(n)
     only = "".join(f"; {'/'.join(names)} take only {sp}" for sp, names in groups.items())
-    parser.add_argument("--sampler", choices=tuple(SAMPLERS), default=default)
+    parser.add_argument("--sampler", choices=tuple(SAMPLERS), default=default or DEFAULT_SAMPLER)
     parser.add_argument("--steps", type=int, default=None, help=f"default: the sampler's ({steps})")
     parser.add_argument(
         "--timestep-spacing", choices=SPACINGS, default=None,
@@ -366,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="model_store/mnist")
     s.add_argument("--num", type=int, default=None, help="default: the rows of --init-noise, else 16")
     s.add_argument("--seed", type=int, default=0)
-    _sampler_arguments(s, default="ddpm")
+    _sampler_arguments(s)
     s.add_argument("--init-noise", default=None, help=".npy x_T of shape (N, C, H, W)")
     s.add_argument("--init-image", default=None,
                    help="image-to-image / inpainting input: PNG/JPEG (converted to the model's channels and size) "

@@ -307,6 +307,7 @@ class ModelInfo:
     device: str
     dtype: str
     samplers: list[str]
+    default_sampler: str  # what generate() runs when sampler is None
     default_steps: dict[str, int]
     max_steps: dict[str, int]
     timestep_spacings: dict[str, list[str]]

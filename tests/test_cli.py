@@ -396,3 +396,11 @@ def test_train_cli_defaults_are_the_training_configs() -> None:
     shared = {name for name in fields if name in args and name not in ("device",)}
     assert {"lr", "warmup_steps", "lr_schedule", "min_snr_gamma", "ema_decay", "batch_size", "steps"} <= shared
     assert {name: args[name] for name in shared} == {name: fields[name] for name in shared}
+
+
+def test_sample_cli_defaults_to_the_servers_sampler() -> None:
+    """``python -m service sample`` with no --sampler runs what a bare POST /generate runs."""
+    from service.api.schemas import GenerateRequest
+
+    args = build_parser().parse_args(["sample", "--out", "x.png"])
+    assert args.sampler == GenerateRequest().sampler == "dpmpp_2m_sde"

@@ -15,7 +15,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.diffusion.conditioning import MAX_GUIDANCE_SCALE, MAX_JUMP_N_SAMPLE
-from service.diffusion.samplers import SAMPLER_NAMES, SPACINGS
+from service.diffusion.samplers import DEFAULT_SAMPLER, SAMPLER_NAMES, SPACINGS
 
 __all__ = [
     "MAX_SEED",
@@ -85,10 +85,11 @@ class GenerateRequest(BaseModel):
     num_images: int = Field(1, ge=1, description="1..DDPM_MAX_IMAGES_PER_REQUEST (see GET /v1/model)")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random when absent; always reported back")
     sampler: SamplerLiteral = Field(  # type: ignore[valid-type]
-        "ddpm",
-        description="ddpm: ancestral (respaced if steps < T); ddim: DDIM(η); dpmpp_2m / dpmpp_3m: DPM-Solver++ "
-        "multistep ODE solvers; dpmpp_2m_sde: its SDE variant; unipc: UniPC-bh2 predictor-corrector. "
-        "The ODE solvers give near-converged images in 10–20 steps (see GET /v1/model for defaults)",
+        DEFAULT_SAMPLER,
+        description=f"default {DEFAULT_SAMPLER} (GET /v1/model's default_sampler). ddpm: ancestral (respaced if "
+        "steps < T); ddim: DDIM(η); dpmpp_2m / dpmpp_3m: DPM-Solver++ multistep ODE solvers; dpmpp_2m_sde: "
+        "its SDE variant; unipc: UniPC-bh2 predictor-corrector. The ODE solvers give near-converged images in "
+        "10–20 steps (see GET /v1/model for defaults)",
     )
     steps: int | None = Field(
         None, ge=1, description="1..T (1..T−1 for the DPM-Solver++ and UniPC samplers); default per sampler: "
@@ -254,6 +255,7 @@ class ModelResponse(BaseModel):
     dtype: str
     compiled: bool = Field(description="the UNet runs the model's AOT-compiled artifact (python -m service compile)")
     samplers: list[str]
+    default_sampler: str = Field(description="the sampler of a POST /generate that names none")
     default_steps: dict[str, int]
     max_steps: dict[str, int] = Field(description="the most steps each sampler can run")
     timestep_spacings: dict[str, list[str]] = Field(description="the spacings each sampler supports")

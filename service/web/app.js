@@ -236,11 +236,6 @@ function gaussian(n, seed) {
 
 /* --------------------------------------------------------------- model */
 
-/** The sampler the Generate panel starts on when the server offers it: the best quality for its cost in
- *  docs/benchmarks.md ("Samplers: quality against cost"; on the default model SDE-DPM-Solver++(2M) leads from
- *  10 steps on, at 20 steps within 2× the real-data floor). */
-const DEFAULT_SAMPLER = "dpmpp_2m_sde";
-
 /** Menu labels; a sampler the server lists but this table lacks is shown by its name. */
 const SAMPLER_LABELS = {
   dpmpp_2m: "DPM-Solver++ 2M",
@@ -261,6 +256,7 @@ const model = {
   maxImages: 16,
   examples: [],
   samplers: Object.keys(SAMPLER_LABELS), // replaced by GET /v1/model's list
+  defaultSampler: "", // the sampler a request naming none gets (GET /v1/model); the menus start on it
   defaultSteps: {}, // {sampler: steps}
   maxSteps: {}, // {sampler: steps}
   spacings: {}, // {sampler: [spacing, …]}
@@ -324,6 +320,7 @@ async function loadModelInfo() {
     model.maxImages = info.max_images_per_request;
     model.examples = info.examples ?? [];
     model.samplers = info.samplers ?? model.samplers;
+    model.defaultSampler = info.default_sampler ?? "";
     model.defaultSteps = info.default_steps ?? {};
     model.maxSteps = info.max_steps ?? {};
     model.spacings = info.timestep_spacings ?? {};
@@ -403,12 +400,17 @@ function addOption(select, value, label) {
   select.append(opt);
 }
 
-/** One <option> per sampler the server offers; start on DEFAULT_SAMPLER if it is among them. */
+/** The sampler the menus start on: the server's default when it offers it, else its first. */
+function startingSampler() {
+  return model.samplers.includes(model.defaultSampler) ? model.defaultSampler : model.samplers[0];
+}
+
+/** One <option> per sampler the server offers; start on the server's default sampler. */
 function fillSamplerMenu() {
   const select = $("gen-sampler");
   select.replaceChildren();
   for (const name of model.samplers) addOption(select, name, SAMPLER_LABELS[name] ?? name);
-  select.value = model.samplers.includes(DEFAULT_SAMPLER) ? DEFAULT_SAMPLER : model.samplers[0];
+  select.value = startingSampler();
   applySampler();
 }
 
@@ -718,8 +720,7 @@ function fillSteerSamplerMenu() {
   const picked = select.value;
   select.replaceChildren();
   for (const name of model.samplers) addOption(select, name, SAMPLER_LABELS[name] ?? name);
-  const fallback = model.samplers.includes(DEFAULT_SAMPLER) ? DEFAULT_SAMPLER : model.samplers[0];
-  select.value = model.samplers.includes(picked) ? picked : fallback;
+  select.value = model.samplers.includes(picked) ? picked : startingSampler();
   applySteerSampler();
 }
 

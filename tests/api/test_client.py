@@ -159,6 +159,7 @@ def test_model_health_ready(server: Server) -> None:
     assert info.ready and info.name == "tiny-T1000"
     assert info.image_shape == [1, SIZE, SIZE] and info.num_train_timesteps == 1000
     assert tuple(info.samplers) == SAMPLER_NAMES and info.default_steps["ddim"] == 50
+    assert info.default_sampler == "dpmpp_2m_sde"
 
 
 def test_errors_carry_status_detail_and_request_id(server: Server) -> None:

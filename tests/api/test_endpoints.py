@@ -131,6 +131,16 @@ def test_generate_json(server: Server) -> None:
     assert all(png(base64.b64decode(b)).size == (SIZE, SIZE) for b in body["images"])
 
 
+def test_generate_without_a_sampler_is_fast(server: Server) -> None:
+    """A bare request runs SDE-DPM-Solver++(2M) at 20 steps (docs/benchmarks.md's best for its cost), not DDPM-T,
+    and /v1/model names that default."""
+    assert server.client.get("/v1/model").json()["default_sampler"] == "dpmpp_2m_sde"
+    body = server.client.post("/generate", json={"seed": 3, "format": "json"}).json()
+    assert body["sampler"] == "dpmpp_2m_sde" and body["steps"] == 20
+    named = server.client.post("/generate", json={"seed": 3, "format": "json", "sampler": "dpmpp_2m_sde"}).json()
+    assert named["images"] == body["images"]
+
+
 def test_generate_npy_matches_offline_sampler(server: Server, model_t1000: Path) -> None:
     """The served images equal pipeline.sample's for the same seed (determinism across batching)."""
     for sampler, steps, eta in (("ddim", 10, 0.5), ("ddpm", 8, 0.0)):

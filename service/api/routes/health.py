@@ -11,7 +11,7 @@ from service.api.deps import ModelQuery, served_model
 from service.api.errors import error_responses
 from service.api.models import ServedModel, ServedModels
 from service.api.schemas import HealthResponse, ModelResponse, ModelsResponse, ScheduleInfo
-from service.diffusion.samplers import SAMPLERS
+from service.diffusion.samplers import DEFAULT_SAMPLER, SAMPLERS
 
 __all__ = ["router"]
 
@@ -81,6 +81,7 @@ def _describe(request: Request, served: ServedModel) -> ModelResponse:
         dtype=info.dtype,
         compiled=bool(engine.stats().get("compiled", 0.0)),
         samplers=list(SAMPLERS),
+        default_sampler=DEFAULT_SAMPLER,
         default_steps=info.default_steps,
         max_steps=info.max_steps,
         timestep_spacings={name: list(s.spacings) for name, s in SAMPLERS.items()},
