@@ -80,9 +80,18 @@ def plot(rows: list[dict], path: Path, title: str, hlines: list[str]) -> None:
     for r in rows:
         if r["sampler"] != "ddpm" or r["steps"] < 1000:
             lines.setdefault(f"{r['sampler']} ({r['spacing']})", []).append(r)
+    # FLD falls with N, so a curve joins only the points of the most common N; others are hollow markers
+    sizes = [p["num"] for pts in lines.values() for p in pts]
+    main_n = max(set(sizes), key=sizes.count, default=0)
     for label, pts in sorted(lines.items()):
         pts = sorted(pts, key=lambda r: r["nfe"])
-        ax.plot([p["nfe"] for p in pts], [p["fld"] for p in pts], marker="o", label=label)
+        main, other = [p for p in pts if p["num"] == main_n], [p for p in pts if p["num"] != main_n]
+        (line,) = ax.plot([p["nfe"] for p in main], [p["fld"] for p in main], marker="o", label=label)
+        ax.plot([p["nfe"] for p in other], [p["fld"] for p in other], marker="o", mfc="none", linestyle="none",
+                color=line.get_color())
+    if other_ns := sorted(set(sizes) - {main_n}):
+        ax.plot([], [], marker="o", mfc="none", linestyle="none", color="grey",
+                label=f"hollow: N={', '.join(map(str, other_ns))} (others N={main_n})")
     ddpm = [r for r in rows if r["sampler"] == "ddpm" and r["steps"] >= 1000]
     if ddpm:
         ax.axhline(ddpm[0]["fld"], color="black", linestyle="--", label=f"DDPM-1000 (N={ddpm[0]['num']})")
