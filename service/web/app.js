@@ -68,8 +68,7 @@ function apiKey() {
   }
 }
 
-function withKey(headers = {}) {
-  const key = apiKey();
+function withKey(headers = {}, key = apiKey()) {
   return key ? { ...headers, Authorization: `Bearer ${key}` } : headers;
 }
 
@@ -95,9 +94,13 @@ function useKey(ev) {
   loadModels().then(loadModelInfo).then(showNoise); // what the first 401 left empty
 }
 
-/** fetch with the API key that throws an Error carrying the readable message when the status is not 2xx. */
+/** fetch with the API key that throws an Error carrying the readable message when the status is not 2xx.
+ * A 401 for a key replaced while the request was in flight is resent with the new key, so a slow answer to an
+ * old, wrong key neither reopens the prompt nor fails what the new key loads. */
 async function request(url, options = {}) {
-  const res = await fetch(url, { ...options, headers: withKey(options.headers) });
+  const key = apiKey();
+  const res = await fetch(url, { ...options, headers: withKey(options.headers, key) });
+  if (res.status === 401 && apiKey() !== key) return request(url, options);
   if (!res.ok) {
     const err = new Error(await describeError(res));
     err.status = res.status;

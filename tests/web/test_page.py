@@ -330,6 +330,42 @@ def test_api_key_prompt_after_401_then_generates(auth_page: Page) -> None:
     expect(p.locator("#gen-error")).to_be_hidden()
 
 
+def test_a_401_for_a_replaced_key_is_resent_with_the_new_one(auth_page: Page) -> None:
+    """A request sent with a wrong key that answers 401 only after the right key was entered (a slow server) is
+    resent with the right key: it neither reopens the prompt the right key closed nor blanks the model info."""
+    p = auth_page
+    held: list = []
+
+    def hold_wrong_key(route) -> None:
+        if route.request.headers.get("authorization") == "Bearer wrong-key":
+            held.append(route)  # answered below, after the right key
+        else:
+            route.continue_()
+
+    p.route(lambda url: "/v1/model?" in url, hold_wrong_key)
+    p.locator("#auth-key").fill("wrong-key")
+    p.locator("#auth-use").click()
+    expect(p.locator("#auth-error")).to_contain_text("401")  # GET /v1/models answered; GET /v1/model is held
+    for _ in range(200):
+        if held:
+            break
+        p.wait_for_timeout(25)
+    assert held, "the page never asked for /v1/model with the wrong key"
+
+    p.locator("#auth-key").fill(WEB_API_KEY)
+    p.locator("#auth-use").click()
+    expect(p.locator("#model-info")).to_contain_text("T = 1000")
+    expect(p.locator("#auth")).to_be_hidden()
+
+    def resent(response) -> bool:
+        return "/v1/model?" in response.url and response.request.headers.get("authorization") == f"Bearer {WEB_API_KEY}"
+
+    with p.expect_response(resent, timeout=10_000), p.expect_response(lambda r: "/noise?" in r.url, timeout=10_000):
+        held[0].fulfill(status=401, content_type="application/json", body=json.dumps({"detail": "invalid API key"}))
+    expect(p.locator("#auth")).to_be_hidden()
+    expect(p.locator("#model-info")).to_contain_text("T = 1000")
+
+
 def test_model_picker_switches_every_panel(two_models_page: Page, page: Page) -> None:
     expect(page.locator("#model-pick")).to_be_hidden()  # one model: no picker
     p = two_models_page
