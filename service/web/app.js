@@ -68,7 +68,7 @@ function apiKey() {
   }
 }
 
-function withKey(headers = {}, key = apiKey()) {
+function withKey(headers = {}, key) {
   return key ? { ...headers, Authorization: `Bearer ${key}` } : headers;
 }
 
