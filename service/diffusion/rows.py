@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -172,8 +171,7 @@ def _guided_eps(
         if g.cond is not None and g.cond.labels is not None:
             index.append(torch.arange(start, start + g.rows))
             labels.append(g.cond.labels)
-            opts = g.plan.options
-            clip = opts.clip_sample_range if g.sampler.clips_pred_x0 and opts.clip_sample else math.inf
+            clip = g.sampler.clip_range(g.plan.options)
             params += [(g.cond.scale, g.plan.alphas_cumprod[g.index], clip)] * g.rows  # s, ᾱ_t, clip range
         start += g.rows
     rows = to_device(torch.cat(index), x.device)

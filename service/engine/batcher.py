@@ -206,6 +206,7 @@ class Engine:
             beta_schedule=spec.beta_schedule,
             variance_type=spec.variance_type,
             clip_sample=spec.clip_sample,
+            ddpm_clip_range=get_sampler("ddpm").clip_range(spec.options),
             device=str(self._device),
             dtype=settings.dtype,
             schedule=model.schedule,

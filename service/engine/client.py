@@ -145,6 +145,7 @@ class ModelInfo:
     beta_schedule: str
     variance_type: VarianceType
     clip_sample: bool
+    ddpm_clip_range: float  # ±range DDPM clips x̂_0 to (the model's clip_sample_range; inf = no clip)
     device: str
     dtype: str
     schedule: NoiseSchedule = field(repr=False)

@@ -29,10 +29,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_model(folder: Path, timesteps: int = 1000, size: int = SIZE, examples: bool = True) -> Path:
-    """A model-store entry with random weights (linear 1e-4 → 0.02 over ``timesteps``) and example PNGs."""
+def make_model(
+    folder: Path, timesteps: int = 1000, size: int = SIZE, examples: bool = True, sampling: dict | None = None
+) -> Path:
+    """A model-store entry with random weights (linear 1e-4 → 0.02 over ``timesteps``), ``sampling`` settings in
+    its config.json, and example PNGs."""
     torch.manual_seed(0)
-    spec = ModelSpec(name=f"tiny-T{timesteps}", unet=tiny_unet_config(size), num_train_timesteps=timesteps)
+    spec = ModelSpec(name=f"tiny-T{timesteps}", unet=tiny_unet_config(size), num_train_timesteps=timesteps,
+                     sampling=sampling or {})
     save_model(spec, UNet(spec.unet), folder)
     if examples:
         (folder / "examples").mkdir()

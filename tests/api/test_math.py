@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import base64
 import io
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import torch
 
-from tests.api.conftest import SIZE, Server
+from tests.api.conftest import SIZE, Server, make_model
 
 
 def npy(content: bytes | str) -> np.ndarray:
@@ -24,15 +25,27 @@ def b64npy(arr: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def test_denoise_chain_reproduces_generate(server_t50: Server) -> None:
-    """x_T → /denoise-step at t = T-1 … 0 with the request's seed gives /generate's image (ddpm, steps = T).
+@pytest.fixture(scope="module")
+def server_t50_clip(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """T = 50 with ``clip_sample_range`` 0.25 (diffusers' setting), far inside random weights' x̂_0."""
+    tmp = tmp_path_factory.mktemp("m50-clip")
+    srv = Server(make_model(tmp / "tiny", timesteps=50, sampling={"clip_sample_range": 0.25}), tmp)
+    yield srv
+    assert srv.stop() == 0, srv.log()
+
+
+@pytest.mark.parametrize(("fixture", "clip"), [("server_t50", 1.0), ("server_t50_clip", 0.25)])
+def test_denoise_chain_reproduces_generate(fixture: str, clip: float, request: pytest.FixtureRequest) -> None:
+    """x_T → /denoise-step at t = T-1 … 0 with the request's seed gives /generate's image (ddpm, steps = T),
+    with the default clip of x̂_0 to ±1 and with the model's own ``clip_sample_range``.
 
     x_T is image 0's first draw: torch.Generator seeded as documented for row_generator(seed, 0), i.e.
     (seed · 0x9E3779B97F4A7C15 + 0) mod 2^63. At every step the response must also satisfy
-    x_prev = posterior_mean + √σ²·noise and posterior_mean = coef_x0·x0_pred + coef_xt·x_t.
+    x_prev = posterior_mean + √σ²·noise and posterior_mean = coef_x0·x0_pred + coef_xt·x_t, and x0_pred lie in ±clip
+    (reaching it: random weights' x̂_0 go far past both ranges).
     """
     big_t, seed = 50, 2024
-    c = server_t50.client
+    c = request.getfixturevalue(fixture).client
     gen = torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15) % (1 << 63))
     x = torch.randn((1, SIZE, SIZE), generator=gen).numpy()
     for t in range(big_t - 1, -1, -1):
@@ -43,11 +56,13 @@ def test_denoise_chain_reproduces_generate(server_t50: Server) -> None:
         np.testing.assert_allclose(mean, b["posterior_mean_coef_x0"] * x0 + b["posterior_mean_coef_xt"] * x, atol=1e-5)
         np.testing.assert_allclose(x_prev, mean + np.sqrt(b["sigma_squared"]) * noise, atol=1e-5)
         assert (t == 0) == (not noise.any())
+        assert np.abs(x0).max() == pytest.approx(clip)
         x = x_prev
     r = c.post("/generate", json={"sampler": "ddpm", "steps": big_t, "seed": seed, "format": "npy"})
     generated = npy(r.content)[0]
     np.testing.assert_allclose(np.clip(x, -1, 1), generated, atol=1e-4)
     assert np.abs(generated).mean() > 0.05  # not a trivial all-zero image
+    assert np.abs(generated).max() <= clip + 1e-6
 
 
 @pytest.mark.parametrize("t", [50, 300, 999])

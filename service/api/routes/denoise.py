@@ -91,7 +91,7 @@ async def denoise_step(body: DenoiseStepRequest, request: Request, settings: Set
     eps = await engine.predict_eps(x, t)  # (1, C, H, W) on the engine's worker
     schedule: NoiseSchedule = info.schedule
     added = z if body.t > 0 else torch.zeros_like(z)
-    x_prev, x0_pred, mean = posterior_step(schedule, x, eps, body.t, added[None], variance, info.clip_sample)
+    x_prev, x0_pred, mean = posterior_step(schedule, x, eps, body.t, added[None], variance, info.ddpm_clip_range)
     sigma2 = schedule.posterior_variance if variance == "fixed_small" else schedule.betas
     return DenoiseStepResponse(
         t=body.t,

@@ -98,8 +98,9 @@ class Rows:
         rows = table.repeat_interleave(torch.tensor(self.sizes), dim=0)
         return rows.to(self.x).reshape(*rows.shape, *([1] * (self.x.ndim - 1)))
 
-    def pred_x0(self, clip: bool = False) -> torch.Tensor:
-        """x̂_0 = (x − √(1−ᾱ) ε)/√ᾱ at each row's level (DDPM eq. 15), optionally clipped (not ``unclipped`` rows)."""
+    def pred_x0(self, clip_range: float = math.inf) -> torch.Tensor:
+        """x̂_0 = (x − √(1−ᾱ) ε)/√ᾱ at each row's level (DDPM eq. 15), clipped to ±``clip_range`` (not ``unclipped``
+        rows; ∞ = no clip)."""
 
         def coef(p: Plan, i: int, _eta: float) -> tuple[float, float]:
             abar = p.alphas_cumprod[i]
@@ -107,9 +108,8 @@ class Rows:
 
         c = self.per_row(coef)
         x0 = (self.x - c[:, 1] * self.eps) / c[:, 0]
-        if clip:
-            r = self.plans[0].options.clip_sample_range
-            clipped = x0.clamp(-r, r)
+        if math.isfinite(clip_range):
+            clipped = x0.clamp(-clip_range, clip_range)
             if self.unclipped is None:
                 return clipped
             x0 = torch.where(self.unclipped.reshape(-1, *([1] * (x0.ndim - 1))), x0, clipped)
@@ -128,6 +128,11 @@ class Sampler(ABC):
     corrected_x_slot: int | None = None  # history slot holding a corrected copy of x (UniC), or None
     uses_eta: bool = False
     clips_pred_x0: bool = False  # clips x̂_0 when the model's options ask for it (DDPM, DDIM: diffusers' clip_sample)
+
+    def clip_range(self, options: SamplerOptions) -> float:
+        """±range this sampler clips x̂_0 to: the model's ``clip_sample_range`` where it clips and the model asks for it
+        (diffusers' ``clip_sample``), else ∞."""
+        return options.clip_sample_range if self.clips_pred_x0 and options.clip_sample else math.inf
 
     @property
     def supports_resampling(self) -> bool:

@@ -46,7 +46,7 @@ class DDIM(Sampler):
 
     def step(self, rows: Rows) -> StepOutput:
         # 1. "predicted x_0" of eq. (12), clipped when the model asks for it
-        x0 = rows.pred_x0(clip=rows.plans[0].options.clip_sample)
+        x0 = rows.pred_x0(self.clip_range(rows.plans[0].options))
 
         # 2. x_{t'} = √ᾱ_{t'} x̂_0 + √(1 − ᾱ_{t'} − σ²) ε + σ z — eq. (12), σ from eq. (16)
         def coef(p: Plan, i: int, eta: float) -> tuple[float, float, float]:

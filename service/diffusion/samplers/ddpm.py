@@ -61,7 +61,7 @@ class DDPM(Sampler):
 
     def step(self, rows: Rows) -> StepOutput:
         # 1. x̂_0 from ε — eq. (15), clipped to the data range when the model asks for it
-        x0 = rows.pred_x0(clip=rows.plans[0].options.clip_sample)
+        x0 = rows.pred_x0(self.clip_range(rows.plans[0].options))
 
         # 2. posterior mean μ̃(x_t, x̂_0) and σ_t of the (respaced) step — eq. (7); Algorithm 2, line 4
         def coef(p: Plan, i: int, _eta: float) -> tuple[float, float, float]:
@@ -79,14 +79,14 @@ def posterior_step(
     t: int,
     noise: torch.Tensor,
     variance_type: VarianceType,
-    clip_sample: bool,
+    clip_range: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One full-chain step x_t → x_{t−1} for a single timestep: (x_{t−1}, x̂_0, μ̃)."""
+    """One full-chain step x_t → x_{t−1} for a single timestep, x̂_0 clipped to ±``clip_range`` (∞ = no clip):
+    (x_{t−1}, x̂_0, μ̃)."""
     abar = schedule.alphas_cumprod_f64()
     abar_t, abar_prev = abar[t].item(), abar[t - 1].item() if t > 0 else 1.0
     x0 = (x_t - math.sqrt(1.0 - abar_t) * eps) / math.sqrt(abar_t)
-    if clip_sample:
-        x0 = x0.clamp(-1.0, 1.0)
+    x0 = x0.clamp(-clip_range, clip_range)
     coef_x0, coef_xt, sigma = posterior_coefficients(abar_t, abar_prev, t, variance_type)
     mean = coef_x0 * x0 + coef_xt * x_t
     return mean + sigma * noise, x0, mean
