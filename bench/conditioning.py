@@ -32,21 +32,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from service.classifier import load_classifier, predict
-from service.data import load_images, load_labels, to_model_range
-from service.diffusion.checkpoint import DiffusionModel, load_model
-from service.diffusion.conditioning import Conditioning, default_guidance_scale
-from service.diffusion.guidance import load_guidance_classifier
-from service.engine.batcher import Engine, EngineSettings, claim_threads_for_worker
-from service.engine.client import GenerationRequest
-from service.evaluate import feature_stats, frechet_distance
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.plots import pyplot, save  # noqa: E402
+from service.classifier import load_classifier, predict  # noqa: E402
+from service.data import load_images, load_labels, to_model_range  # noqa: E402
+from service.diffusion.checkpoint import DiffusionModel, load_model  # noqa: E402
+from service.diffusion.conditioning import Conditioning, default_guidance_scale  # noqa: E402
+from service.diffusion.guidance import load_guidance_classifier  # noqa: E402
+from service.engine.batcher import Engine, EngineSettings, claim_threads_for_worker  # noqa: E402
+from service.engine.client import GenerationRequest  # noqa: E402
+from service.evaluate import feature_stats, frechet_distance  # noqa: E402
+
 MNIST = REPO.parent / "shared" / "data" / "mnist"
 
 
@@ -192,10 +196,7 @@ def guidance_sweep(args, run, clf) -> dict:
 
 def plot_sweep(sweep: dict, path: Path, title: str) -> None:
     """Share classified as the asked-for digit against the guidance scale, one line per sampler-steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     lines: dict[str, list[dict]] = {}
@@ -214,9 +215,7 @@ def plot_sweep(sweep: dict, path: Path, title: str) -> None:
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main() -> None:

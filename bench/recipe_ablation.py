@@ -38,6 +38,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.plots import pyplot, save  # noqa: E402
 from bench.sampler_quality import measure_point  # noqa: E402
 from service.diffusion.checkpoint import DiffusionModel, load_model  # noqa: E402
 from service.engine.batcher import claim_threads_for_worker  # noqa: E402
@@ -110,10 +111,7 @@ def table(results: list[dict]) -> str:
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(SAMPLERS) + 1, figsize=(4.2 * (len(SAMPLERS) + 1), 3.8), dpi=120, sharey=True)
     names = [r["arm"] for r in results]
@@ -134,10 +132,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
         ax.invert_yaxis()
         ax.grid(True, axis="x", alpha=0.3)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main() -> None:

@@ -21,11 +21,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.plots import pyplot, save
 from service.diffusion.checkpoint import DiffusionModel, load_model
 from service.engine.batcher import Engine, EngineSettings, claim_threads_for_worker
 from service.engine.client import GenerationRequest
@@ -69,11 +73,8 @@ def measure_point(args: argparse.Namespace, model: DiffusionModel, ev: Evaluator
 
 
 def plot(rows: list[dict], path: Path, title: str, hlines: list[str]) -> None:
-    import matplotlib
+    plt = pyplot()
     import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
     lines: dict[str, list[dict]] = {}
@@ -111,10 +112,7 @@ def plot(rows: list[dict], path: Path, title: str, hlines: list[str]) -> None:
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
 
 
 def table(rows: list[dict]) -> str:

@@ -16,9 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.plots import pyplot, save
 
 
 def read_loss_log(workdir: Path) -> list[dict]:
@@ -50,10 +55,7 @@ def score_snapshots(workdir: Path, args: argparse.Namespace, known: dict[int, di
 
 
 def plot(loss: list[dict], scores: dict[int, dict], path: Path, title: str, quality_label: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = 2 if scores else 1
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.2), dpi=120, squeeze=False)
@@ -87,10 +89,7 @@ def plot(loss: list[dict], scores: dict[int, dict], path: Path, title: str, qual
         q.grid(True, which="both", alpha=0.3)
         q.legend(fontsize=7)
         q.set_title("sample quality of the EMA weights")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
 
 
 def main() -> None:
