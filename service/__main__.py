@@ -14,7 +14,7 @@ __all__ = ["main"]
 
 
 AUTO_DTYPE = ("auto (default): bfloat16 on CUDA and on CPUs with avx512_bf16 or AMX (1.9-3.4x float32's images/s for "
-              "7-20 % higher FLD on the default model, docs/benchmarks.md), float32 elsewhere")
+              "4-20 % higher FLD on the default model, docs/benchmarks.md), float32 elsewhere")
 
 
 def _ints(text: str) -> tuple[int, ...]:

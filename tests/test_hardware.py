@@ -29,7 +29,7 @@ def test_settings_resolve_auto_for_this_machine() -> None:
 
 
 def test_auto_is_the_default_of_the_server_and_the_cli(monkeypatch) -> None:
-    """bf16 is 1.9-3.4x float32 for 7-20 % more FLD on the default model (docs/benchmarks.md): default where native."""
+    """bf16 is 1.9-3.4x float32 for 4-20 % more FLD on the default model (docs/benchmarks.md): default where native."""
     monkeypatch.delenv("DDPM_DTYPE", raising=False)
     assert Settings().dtype == "auto" and Settings(device="cpu").resolved_dtype() == auto_dtype("cpu")
     parser = build_parser()
