@@ -90,6 +90,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         log_every=args.log_every,
         snapshot_every=args.snapshot_every,
+        init_from=args.init_from,
         extra={"command": "python -m service " + " ".join(sys.argv[1:])},
     )
     train(cfg, resume=args.resume)
@@ -361,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--snapshot-every", type=int, default=0, help="keep the EMA model every N steps (WORKDIR/snapshots)")
     t.add_argument("--log-every", type=int, default=10, help="steps per line of WORKDIR/loss.jsonl")
     t.add_argument("--resume", action="store_true", help="continue from WORKDIR/train_state.pt")
+    t.add_argument("--init-from", default="",
+                   help="model-store entry whose weights start the model and its EMAs: a fine-tune with a fresh "
+                        "optimizer (same architecture); ignored when --resume finds a state")
     t.set_defaults(func=cmd_train)
 
     s = sub.add_parser("sample", help="generate images offline")

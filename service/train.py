@@ -4,7 +4,8 @@ AdamW, gradient-norm clipping, linear warm-up then cosine decay, optional min-SN
 (Hang et al. 2023), an EMA copy of the weights (the EMA copy is what gets exported), an optional
 held-out split that training never sees, a loss log (``loss.jsonl``), periodic sample grids, and
 resumable training checkpoints that restore model, optimizer, EMA and every RNG so that resuming
-continues exactly as an uninterrupted run would.
+continues exactly as an uninterrupted run would, and a warm start (``init_from``) from an exported entry's
+weights when a run's full state is gone: a fine-tune with a fresh optimizer, not a resume.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from service.data import load_images, split_indices, to_model_range
-from service.diffusion.checkpoint import DiffusionModel, ModelSpec, save_model
+from service.diffusion.checkpoint import DiffusionModel, ModelSpec, load_model, save_model
 from service.diffusion.pipeline import sample
 from service.diffusion.unet import UNet, UNetConfig
 from service.imaging import grid, png_bytes
@@ -69,6 +70,7 @@ class TrainConfig:
     checkpoint_every: int = 250  # save training state + export the EMA model every N steps
     snapshot_every: int = 0  # also keep a copy of the exported EMA model every N steps in WORKDIR/snapshots (0 = never)
     log_every: int = 10  # append the mean loss of the last N steps to WORKDIR/loss.jsonl
+    init_from: str = ""  # model-store entry whose weights start the model and every EMA (a fine-tune; "" = scratch)
     extra: dict = field(default_factory=dict)  # recorded in the model card metadata
 
     def unet_config(self) -> UNetConfig:
@@ -130,6 +132,27 @@ def loss_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) ->
     return (snr.clamp(max=gamma) / snr).float()
 
 
+def _warm_start(cfg: TrainConfig, model: UNet, emas: list[EMA]) -> dict:
+    """Load ``cfg.init_from``'s weights into the model and every EMA; returns what the run records of its source.
+
+    The EMAs continue at their full decay (their warm-up assumed done): they start from weights that are already an
+    average, so the (1+n)/(10+n) warm-up would throw that average away for the first thousands of steps.
+    """
+    source = load_model(cfg.init_from)
+    if source.spec.unet != cfg.unet_config():
+        raise ValueError(f"--init-from {cfg.init_from}: its UNet config {source.spec.unet} does not match this "
+                         f"run's {cfg.unet_config()}")
+    if (source.spec.beta_schedule, source.spec.num_train_timesteps) != (cfg.beta_schedule, cfg.num_train_timesteps):
+        raise ValueError(f"--init-from {cfg.init_from}: its noise schedule differs from this run's")
+    state = source.unet.state_dict()
+    model.load_state_dict(state)
+    for e in emas:
+        e.model.load_state_dict(state)
+        e.updates = math.ceil((10 * e.decay - 1) / (1 - e.decay))
+    steps = source.spec.extra.get("training", {}).get("steps_done")
+    return {"folder": str(cfg.init_from), "sha256": source.sha256, "steps_done": steps}
+
+
 def _trim_loss_log(path: Path, step: int) -> None:
     """Keep the loss-log lines up to ``step`` (a resumed run rewrites what came after its checkpoint)."""
     if path.is_file():
@@ -159,9 +182,10 @@ def _export(cfg: TrainConfig, step: int, seconds: float, entries: dict[Path, EMA
 
 
 def _save_state(path: Path, step: int, seconds: float, model, ema: EMA, extra_emas: dict[float, EMA], opt,
-                gens: dict) -> None:
+                gens: dict, init_from: dict | None) -> None:
     state = {
         "step": step,
+        "init_from": init_from,
         "seconds": seconds,
         "model": model.state_dict(),
         "ema": ema.model.state_dict(),
@@ -215,7 +239,12 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
         for k, g in gens.items():
             g.set_state(state["generators"][k])
         step, seconds = state["step"], state["seconds"]
+        if state.get("init_from"):  # a warm-started run keeps recording where it started
+            cfg.extra = {**cfg.extra, "init_from": state["init_from"]}
         log(f"resumed from {state_path} at step {step}")
+    elif cfg.init_from:
+        cfg.extra = {**cfg.extra, "init_from": _warm_start(cfg, model, [ema, *extra_emas.values()])}
+        log(f"warm start from {cfg.init_from} ({cfg.extra['init_from']['sha256'][:12]}): fresh optimizer, step 0")
     loss_log = workdir / LOSS_LOG
     if step == 0:
         loss_log.unlink(missing_ok=True)
@@ -262,7 +291,7 @@ def train(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
             imgs = sample(preview, 16, seed=0, sampler="ddim", steps=20)
             (workdir / f"samples_{step:06d}.png").write_bytes(png_bytes(grid(imgs, nrow=4), scale=2))
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            _save_state(state_path, step, seconds, model, ema, extra_emas, opt, gens)
+            _save_state(state_path, step, seconds, model, ema, extra_emas, opt, gens, cfg.extra.get("init_from"))
             _export(cfg, step, seconds,
                     {Path(cfg.out): ema, **{workdir / f"ema_{d:g}": e for d, e in extra_emas.items()}})
         if cfg.snapshot_every and step % cfg.snapshot_every == 0:

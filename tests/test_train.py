@@ -190,3 +190,39 @@ def test_loss_log_is_trimmed_on_resume(npz: Path, tmp_path: Path) -> None:
     train(_config(npz, tmp_path, steps=8, batch_size=4, log_every=2, checkpoint_every=4), resume=True,
           log=lambda *_: None)
     assert [json.loads(ln)["step"] for ln in log.read_text().splitlines()] == [2, 4, 6, 8]
+
+
+def test_warm_start_begins_from_the_entry_and_records_it(npz: Path, tmp_path: Path) -> None:
+    train(_config(npz, tmp_path / "src", steps=20, batch_size=8), log=lambda *_: None)
+    source = load_model(tmp_path / "src" / "entry")
+    # lr 0: AdamW leaves the weights as they start, so the export is the start itself
+    logs: list[str] = []
+    tune = _config(npz, tmp_path / "tune", steps=4, batch_size=8, lr=0.0, extra_ema_decays=(0.9,),
+                   init_from=str(tmp_path / "src" / "entry"), checkpoint_every=2)
+    train(tune, log=logs.append)
+    assert any("warm start" in line for line in logs)
+    tuned = load_model(tmp_path / "tune" / "entry")
+    for k, v in source.unet.state_dict().items():
+        assert torch.equal(tuned.unet.state_dict()[k], v), k
+    assert torch.equal(load_model(tmp_path / "tune" / "work" / "ema_0.9").unet.state_dict()["conv_out.weight"],
+                       source.unet.state_dict()["conv_out.weight"])
+    scratch = _config(npz, tmp_path / "scratch", steps=4, batch_size=8, lr=0.0)
+    train(scratch, log=lambda *_: None)
+    assert not torch.equal(load_model(tmp_path / "scratch" / "entry").unet.state_dict()["conv_out.weight"],
+                           source.unet.state_dict()["conv_out.weight"])
+
+    # the source is recorded, and still is after a resume of the fine-tune
+    train(_config(npz, tmp_path / "tune", steps=6, batch_size=8, lr=0.0, init_from=str(tmp_path / "src" / "entry"),
+                  checkpoint_every=2), resume=True, log=lambda *_: None)
+    record = load_model(tmp_path / "tune" / "entry").spec.extra
+    assert record["training"]["steps_done"] == 6
+    assert record["init_from"]["sha256"] == source.sha256
+    assert record["init_from"]["steps_done"] == 20
+
+
+def test_warm_start_refuses_another_architecture(npz: Path, tmp_path: Path) -> None:
+    train(_config(npz, tmp_path / "src", steps=2, batch_size=8), log=lambda *_: None)
+    wider = _config(npz, tmp_path / "wide", steps=2, batch_size=8, block_out_channels=(16, 32),
+                    init_from=str(tmp_path / "src" / "entry"))
+    with pytest.raises(ValueError, match="does not match"):
+        train(wider, log=lambda *_: None)
