@@ -14,15 +14,19 @@ The images are scored by the project's evaluator (``service.evaluate.Evaluator``
 features against the model's evaluation split, mean confidence, digit shares, novelty), next to the real-data
 floor at the same N. ``--ddpm-num`` adds a measured DDPM-1000 line; ``--ddpm-from FILE`` reuses the DDPM-1000
 row of an earlier run's JSON instead (it takes hours on a CPU). ``--resume`` skips points already in ``--json``.
+``--eps-scales 0.98,1`` measures every point at each Epsilon Scaling λ (the sampler steps with ε_θ/λ, Ning et al.
+2023; the model's own λ otherwise) and ``--eps-plot`` draws FLD against λ.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.plots import pyplot, save
 from service.diffusion.checkpoint import DiffusionModel, load_model
+from service.diffusion.samplers import SAMPLERS
 from service.engine.batcher import Engine, EngineSettings, claim_threads_for_worker
 from service.engine.client import GenerationRequest
 from service.evaluate import Evaluator
@@ -58,6 +63,16 @@ async def engine_images(model: DiffusionModel, sampler: str, spacing: str | None
         await engine.drain(timeout_s=5)
 
 
+def with_eps_scale(model: DiffusionModel, sampler: str, scale: float | None) -> DiffusionModel:
+    """``model`` whose ``sampler`` steps with ε_θ/``scale`` (None: the model as it is)."""
+    if scale is None:
+        return model
+    own = model.spec.sampling.get("eps_scale", 1.0)
+    per_sampler = dict(own) if isinstance(own, dict) else {name: own for name in SAMPLERS}
+    spec = replace(model.spec, sampling={**model.spec.sampling, "eps_scale": {**per_sampler, sampler: scale}})
+    return replace(model, spec=spec)
+
+
 def measure_point(args: argparse.Namespace, model: DiffusionModel, ev: Evaluator, sampler: str, spacing: str | None,
                   steps: int, num: int) -> dict:
     images, seconds, _ = asyncio.run(engine_images(model, sampler, spacing, steps, num, args.batch, args.dtype,
@@ -66,6 +81,7 @@ def measure_point(args: argparse.Namespace, model: DiffusionModel, ev: Evaluator
     floor = ev.floor(num, seed=0)
     return {
         "sampler": sampler, "spacing": spacing or model.spec.default_spacing(sampler), "steps": steps, "num": num,
+        "eps_scale": model.spec.eps_scale(sampler),
         "nfe": steps, "fld": score.fld, "floor_fld": floor.fld, "fld_ratio": score.fld / floor.fld,
         "confidence": score.confidence, "min_share": score.min_share, "max_share": score.max_share,
         "novelty": score.novelty, "seconds": seconds, "images_per_s": num / seconds,
@@ -80,7 +96,8 @@ def plot(rows: list[dict], path: Path, title: str, hlines: list[str]) -> None:
     lines: dict[str, list[dict]] = {}
     for r in rows:
         if r["sampler"] != "ddpm" or r["steps"] < 1000:
-            lines.setdefault(f"{r['sampler']} ({r['spacing']})", []).append(r)
+            scale = r.get("eps_scale", 1.0)
+            lines.setdefault(f"{r['sampler']} ({r['spacing']}{'' if scale == 1 else f', λ={scale:g}'})", []).append(r)
     # FLD falls with N, so a curve joins only the points of the most common N; others are hollow markers
     sizes = [p["num"] for pts in lines.values() for p in pts]
     main_n = max(set(sizes), key=sizes.count, default=0)
@@ -115,12 +132,36 @@ def plot(rows: list[dict], path: Path, title: str, hlines: list[str]) -> None:
     save(fig, path)
 
 
+def plot_eps_scales(rows: list[dict], path: Path, title: str) -> None:
+    """FLD against the Epsilon Scaling λ, one line per sampler, spacing, steps and N."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+    lines: dict[str, list[dict]] = {}
+    for r in rows:
+        lines.setdefault(f"{r['sampler']}-{r['steps']} ({r['spacing']}, N={r['num']})", []).append(r)
+    for label, pts in sorted(lines.items()):
+        if len(pts) > 1:
+            pts = sorted(pts, key=lambda r: r.get("eps_scale", 1.0))
+            ax.plot([p.get("eps_scale", 1.0) for p in pts], [p["fld"] for p in pts], marker="o", label=label)
+    for n, f in sorted({(r["num"], r["floor_fld"]) for r in rows}):
+        ax.axhline(f, color="grey", linestyle=":", label=f"real-data floor (N={n})")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("λ (the sampler steps with ε_θ / λ; 1 = the network's ε)")
+    ax.set_ylabel("FLD (lower is better)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    save(fig, path)
+
+
 def table(rows: list[dict]) -> str:
-    out = ["| sampler | spacing | steps | N | FLD | floor | ratio | confidence | digit shares | novelty | images/s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["sampler"], r["spacing"], r["steps"])):
+    head = ("| sampler | spacing | steps | N | λ | FLD | floor | ratio | confidence | digit shares | novelty "
+            "| images/s |")
+    out = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["sampler"], r["spacing"], r["steps"], r.get("eps_scale", 1.0))):
         novelty = "" if r.get("novelty") is None else f"{r['novelty']:.2f}"
-        out.append(f"| {r['sampler']} | {r['spacing']} | {r['steps']} | {r['num']} | {r['fld']:.2f} | "
+        out.append(f"| {r['sampler']} | {r['spacing']} | {r['steps']} | {r['num']} | {r.get('eps_scale', 1.0):g} | "
+                   f"{r['fld']:.2f} | "
                    f"{r['floor_fld']:.2f} | {r['fld_ratio']:.2f} | {r['confidence']:.3f} | "
                    f"{100 * r['min_share']:.1f}–{100 * r['max_share']:.1f}% | {novelty} | {r['images_per_s']:.2f} |")
     return "\n".join(out)
@@ -145,6 +186,9 @@ def main() -> None:
     p.add_argument("--plot", default="docs/sampler_quality.png")
     p.add_argument("--resume", action="store_true", help="keep the points already in --json")
     p.add_argument("--hline", action="append", default=[], help="LABEL=FLD: a reference line measured elsewhere")
+    p.add_argument("--eps-scales", default="",
+                   help="comma list of Epsilon Scaling λ to measure every point at (default: the model's own)")
+    p.add_argument("--eps-plot", default=None, help="also plot FLD against λ here")
     args = p.parse_args()
 
     args.threads = claim_threads_for_worker(args.threads)
@@ -152,7 +196,7 @@ def main() -> None:
     ev = Evaluator.for_model(model, args.model, classifier_path=args.classifier)
     out = Path(args.json)
     rows: list[dict] = json.loads(out.read_text())["points"] if args.resume and out.is_file() else []
-    done = {(r["sampler"], r["spacing"], r["steps"], r["num"]) for r in rows}
+    done = {(r["sampler"], r["spacing"], r["steps"], r["num"], r.get("eps_scale", 1.0)) for r in rows}
     if args.ddpm_from and not any(r["sampler"] == "ddpm" and r["steps"] >= 1000 for r in rows):
         rows += [r for r in json.loads(Path(args.ddpm_from).read_text())["points"]
                  if r["sampler"] == "ddpm" and r["steps"] >= 1000]
@@ -160,15 +204,17 @@ def main() -> None:
             for c in args.configs.split(",") for s in args.steps.split(",")]
     if args.ddpm_num:
         plan.append(("ddpm", "trailing", model.spec.num_train_timesteps))
-    for sampler, spacing, steps in plan:
+    scales = [float(v) for v in args.eps_scales.split(",")] if args.eps_scales else [None]
+    for (sampler, spacing, steps), scale in itertools.product(plan, scales):
         num = args.ddpm_num if sampler == "ddpm" and steps >= 1000 else args.num if steps <= 20 else args.num_many_steps
-        key = (sampler, spacing or model.spec.default_spacing(sampler), steps, num)
+        scaled = with_eps_scale(model, sampler, scale)
+        key = (sampler, spacing or model.spec.default_spacing(sampler), steps, num, scaled.spec.eps_scale(sampler))
         if key in done:
             continue
-        row = measure_point(args, model, ev, sampler, spacing, steps, num)
+        row = measure_point(args, scaled, ev, sampler, spacing, steps, num)
         rows.append(row)
-        print(f"{sampler}:{row['spacing']}-{steps} N={num}: FLD {row['fld']:.2f} (floor {row['floor_fld']:.2f}), "
-              f"{row['images_per_s']:.2f} images/s", flush=True)
+        print(f"{sampler}:{row['spacing']}-{steps} N={num} λ={row['eps_scale']:g}: FLD {row['fld']:.2f} "
+              f"(floor {row['floor_fld']:.2f}), {row['images_per_s']:.2f} images/s", flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"model": args.model, "model_sha256": model.sha256, "device": args.device,
                                    "dtype": args.dtype,
@@ -177,6 +223,8 @@ def main() -> None:
     print(table(rows))
     plot(rows, Path(args.plot), f"{model.name}: FLD vs network evaluations ({args.dtype}, batch {args.batch})",
          args.hline)
+    if args.eps_plot:
+        plot_eps_scales(rows, Path(args.eps_plot), f"{model.name}: Epsilon Scaling ({args.dtype})")
     print(f"wrote {out} and {args.plot}")
 
 

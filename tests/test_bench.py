@@ -101,6 +101,15 @@ def test_sampler_quality_bench_scores_each_point_and_plots(tmp_path: Path) -> No
     again = run_bench("sampler_quality.py", *args[:-4], "--steps", "2", "--json", str(out), "--plot", str(plot),
                       "--resume").stdout
     assert "FLD" not in again.split("|")[0]  # nothing re-measured: no progress line before the table
+    # --eps-scales measures each point at each λ (the sampler steps with ε_θ/λ) and plots FLD against λ
+    scaled, eps_plot = tmp_path / "eps.json", tmp_path / "eps.png"
+    run_bench("sampler_quality.py", *args[:4], "--steps", "2", "--num", "20", "--batch", "10", "--threads", "1",
+              "--json", str(scaled), "--plot", str(plot), "--eps-scales", "0.9,1", "--eps-plot", str(eps_plot))
+    points = json.loads(scaled.read_text())["points"]
+    assert sorted((p["sampler"], p["eps_scale"]) for p in points) == [
+        ("ddim", 0.9), ("ddim", 1.0), ("dpmpp_2m", 0.9), ("dpmpp_2m", 1.0)]
+    assert len({p["fld"] for p in points}) == 4  # λ changes the images
+    assert eps_plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.slow

@@ -3,7 +3,8 @@
 A model-store entry is a folder::
 
     config.json        {"format", "name", "unet", "schedule", "variance_type", "clip_sample",
-                        "sampling": {"timestep_spacing" (one, or one per sampler), "steps_offset", …},
+                        "sampling": {"timestep_spacing" (one, or one per sampler), "steps_offset", …,
+                                     "eps_scale" (one, or one per sampler)},
                         "image": {"channels", "size", "value_range"}, "weights": {"file", "sha256"}}
     model.safetensors  the UNet state dict (diffusers UNet2DModel key names)
     guidance_classifier.{json,safetensors}  optional: the classifier of classifier guidance (diffusion/guidance.py)
@@ -73,7 +74,7 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         """Check ``sampling``: known keys, and spacings each named sampler supports."""
-        known = (SAMPLING_OPTIONS - MODEL_OPTIONS) | {"timestep_spacing"}
+        known = (SAMPLING_OPTIONS - MODEL_OPTIONS) | {"timestep_spacing", "eps_scale"}
         unknown = sorted(set(self.sampling) - known)
         if unknown:
             raise CheckpointError(f"unknown sampling settings {unknown}; known: {sorted(known)}")
@@ -84,6 +85,12 @@ class ModelSpec:
                 raise CheckpointError(f"sampling.timestep_spacing names unknown sampler {name!r}")
             if value not in SAMPLERS[name].spacings:
                 raise CheckpointError(f"sampling.timestep_spacing {value!r} is not supported by {name!r}")
+        scale = self.sampling.get("eps_scale", {})
+        for name, value in (scale if isinstance(scale, dict) else {"*": scale}).items():
+            if name != "*" and name not in SAMPLERS:
+                raise CheckpointError(f"sampling.eps_scale names unknown sampler {name!r}")
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.5 <= value <= 2.0:
+                raise CheckpointError(f"sampling.eps_scale must be a number in [0.5, 2], got {value!r}")
 
     @property
     def options(self) -> SamplerOptions:
@@ -98,6 +105,12 @@ class ModelSpec:
         if isinstance(spacing, dict):
             spacing = spacing.get(sampler)
         return spacing or get_sampler(sampler).default_spacing
+
+    def eps_scale(self, sampler: str) -> float:
+        """λ of Epsilon Scaling (Ning et al. 2023) for ``sampler``: its rows step with ε_θ/λ (one for all samplers, or
+        one per sampler; 1 = the network's ε as it is)."""
+        scale = self.sampling.get("eps_scale", 1.0)
+        return float(scale.get(sampler, 1.0) if isinstance(scale, dict) else scale)
 
     @property
     def channels(self) -> int:

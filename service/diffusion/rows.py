@@ -202,6 +202,11 @@ def batched_step(
     t = to_device(torch.tensor([g.t for g in groups for _ in range(g.rows)], dtype=torch.long), device)  # (B,)
     # 2. one forward: ε_θ(x_t, t) for all rows at their own t
     eps = forward(x, t) if forward is not None else predict_eps(model.unet, x, t, dtype)
+    # 2a. Epsilon Scaling (Ning et al. 2023): ε_θ/λ, λ set per sampler in the model's config (1 = none)
+    scales = [model.spec.eps_scale(g.sampler.name) for g in groups]
+    if any(s != 1.0 for s in scales):
+        per_row = torch.tensor(scales, dtype=eps.dtype).repeat_interleave(torch.tensor([g.rows for g in groups]))
+        eps = eps / to_device(per_row, device).reshape(-1, *([1] * (eps.ndim - 1)))
     # 2b. classifier guidance — ε − s √(1−ᾱ_t) ∇ log p(y | x_t, t): ONE batched gradient over the guided rows only
     guided = None
     if any(g.cond is not None and g.cond.guided for g in groups):

@@ -213,6 +213,7 @@ class Engine:
             default_steps={name: default_steps(model, name) for name in SAMPLERS},
             max_steps={name: s.max_steps(spec.num_train_timesteps) for name, s in SAMPLERS.items()},
             default_timestep_spacing={name: spec.default_spacing(name) for name in SAMPLERS},
+            eps_scale={name: spec.eps_scale(name) for name in SAMPLERS},
             conditioning=supported_conditioning(model),
             num_classes=num_classes(model.guidance) if model.guidance is not None else None,
             default_guidance_scale=default_guidance_scale(model),

@@ -152,6 +152,7 @@ class ModelInfo:
     default_steps: dict[str, int] = field(default_factory=dict)  # per sampler name
     max_steps: dict[str, int] = field(default_factory=dict)  # per sampler name
     default_timestep_spacing: dict[str, Spacing] = field(default_factory=dict)  # per sampler name
+    eps_scale: dict[str, float] = field(default_factory=dict)  # per sampler name: it steps with ε_θ/λ (1 = none)
     conditioning: tuple[str, ...] = ()  # what requests may ask for: image_to_image, inpainting, class_guidance
     num_classes: int | None = None  # class_label range 0..num_classes-1 (None: no guidance classifier)
     default_guidance_scale: float | None = None  # the scale a guided request without one gets

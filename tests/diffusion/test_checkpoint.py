@@ -37,9 +37,15 @@ def test_sampling_settings_round_trip_and_bad_ones_are_refused(tiny_model_dir: P
     loaded = load_model(save_model(spec, UNet(spec.unet), tmp_path / "m"))
     assert loaded.spec.sampling == sampling and loaded.spec.options.steps_offset == 1
     assert [loaded.spec.default_spacing(n) for n in ("ddim", "unipc", "ddpm")] == ["trailing", "karras", "leading"]
+    scaled = ModelSpec(name="tiny", unet=model.spec.unet, sampling={"eps_scale": {"ddim": 0.98}})
+    assert (scaled.eps_scale("ddim"), scaled.eps_scale("ddpm"), loaded.spec.eps_scale("ddim")) == (0.98, 1.0, 1.0)
+    assert ModelSpec(name="tiny", unet=model.spec.unet, sampling={"eps_scale": 0.99}).eps_scale("unipc") == 0.99
     for bad, message in (({"variance_type": "fixed_large"}, "unknown sampling settings"),
                          ({"timestep_spacing": {"ddim": "karras"}}, "not supported by 'ddim'"),
                          ({"timestep_spacing": {"euler": "linspace"}}, "unknown sampler 'euler'"),
-                         ({"timestep_spacing": "logsnr"}, "not supported by 'ddpm'")):
+                         ({"timestep_spacing": "logsnr"}, "not supported by 'ddpm'"),
+                         ({"eps_scale": {"euler": 0.98}}, "unknown sampler 'euler'"),
+                         ({"eps_scale": 0}, r"in \[0.5, 2\]"),
+                         ({"eps_scale": {"ddim": "0.98"}}, r"in \[0.5, 2\]")):
         with pytest.raises(CheckpointError, match=message):
             ModelSpec(name="tiny", unet=model.spec.unet, sampling=bad)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
 from service.diffusion.checkpoint import DiffusionModel
 from service.diffusion.pipeline import prepare_unet, sample
-from service.diffusion.rows import predict_eps, row_generator
+from service.diffusion.rows import RowGroup, batched_step, predict_eps, row_generator
 from service.diffusion.unet import UNet, UNetConfig
 
 
@@ -31,15 +33,16 @@ def _scheduler_kwargs(model: DiffusionModel) -> dict:
 
 def diffusers_loop(
     model: DiffusionModel, scheduler: DDIMScheduler | DDPMScheduler, x: torch.Tensor, steps: int,
-    generator: torch.Generator | None = None, eta: float | None = None,
+    generator: torch.Generator | None = None, eta: float | None = None, eps_scale: float = 1.0,
 ) -> torch.Tensor:
-    """The loop of diffusers' DDPMPipeline / DDIMPipeline: predict ε, then ``scheduler.step``."""
+    """The loop of diffusers' DDPMPipeline / DDIMPipeline: predict ε (divided by ``eps_scale``: Epsilon Scaling,
+    Ning et al. 2023), then ``scheduler.step``."""
     ref = diffusers_unet(model)
     scheduler.set_timesteps(steps)
     extra = {} if eta is None else {"eta": eta}
     with torch.inference_mode():
         for t in scheduler.timesteps:
-            eps = ref(x, t).sample
+            eps = ref(x, t).sample / eps_scale
             x = scheduler.step(eps, t, x, generator=generator, **extra).prev_sample
     return x.clamp(-1, 1)
 
@@ -69,6 +72,25 @@ def test_stochastic_loop_for_one_image_equals_diffusers_with_the_rows_generator(
     else:
         ref = diffusers_loop(tiny_model, DDIMScheduler(**_scheduler_kwargs(tiny_model)), x_t, steps, gen, eta=1.0)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-4)
+
+
+def test_eps_scale_divides_the_network_output_of_its_sampler_only(tiny_model: DiffusionModel) -> None:
+    x_t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    plain = sample(tiny_model, 2, seed=0, sampler="ddim", steps=10, init_noise=x_t)
+    scaled_model = replace(tiny_model, spec=replace(tiny_model.spec, sampling={"eps_scale": {"ddim": 0.9}}))
+    scaled = sample(scaled_model, 2, seed=0, sampler="ddim", steps=10, init_noise=x_t)
+    ref = diffusers_loop(tiny_model, DDIMScheduler(**_scheduler_kwargs(tiny_model)), x_t, 10, eta=0.0, eps_scale=0.9)
+    torch.testing.assert_close(scaled, ref, rtol=0, atol=1e-4)
+    assert (scaled - plain).abs().max() > 1e-2
+    # another sampler of the same model keeps the network's ε, also when its rows share a forward with DDIM's
+    ddpm = sample(tiny_model, 2, seed=4, sampler="ddpm", steps=10)
+    torch.testing.assert_close(sample(scaled_model, 2, seed=4, sampler="ddpm", steps=10), ddpm, rtol=0, atol=0)
+    groups = [RowGroup.start(scaled_model, 2, 4, "ddpm", 10, 0.0, None, "cpu"),
+              RowGroup.start(scaled_model, 2, 0, "ddim", 10, 0.0, None, "cpu", init_noise=x_t)]
+    while not groups[0].done:
+        batched_step(scaled_model, groups)
+    torch.testing.assert_close(groups[0].x.clamp(-1, 1), ddpm, rtol=0, atol=1e-5)
+    torch.testing.assert_close(groups[1].x.clamp(-1, 1), scaled, rtol=0, atol=1e-5)
 
 
 def test_rows_do_not_depend_on_batching(tiny_model: DiffusionModel) -> None:

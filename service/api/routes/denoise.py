@@ -88,7 +88,8 @@ async def denoise_step(body: DenoiseStepRequest, request: Request, settings: Set
     variance = body.variance or info.variance_type
     t = torch.tensor([body.t], dtype=torch.long)
     x = x_t[None]
-    eps = await engine.predict_eps(x, t)  # (1, C, H, W) on the engine's worker
+    # (1, C, H, W) on the engine's worker; divided by the model's Epsilon Scaling λ for ddpm, as /generate steps
+    eps = await engine.predict_eps(x, t) / info.eps_scale.get("ddpm", 1.0)
     schedule: NoiseSchedule = info.schedule
     added = z if body.t > 0 else torch.zeros_like(z)
     x_prev, x0_pred, mean = posterior_step(schedule, x, eps, body.t, added[None], variance, info.ddpm_clip_range)

@@ -86,6 +86,7 @@ def _describe(request: Request, served: ServedModel) -> ModelResponse:
         max_steps=info.max_steps,
         timestep_spacings={name: list(s.spacings) for name, s in SAMPLERS.items()},
         default_timestep_spacing=info.default_timestep_spacing,
+        eps_scale=info.eps_scale,
         resampling_samplers=[name for name, s in SAMPLERS.items() if s.supports_resampling],
         max_images_per_request=request.app.state.max_images,
         examples=list(served.examples),
