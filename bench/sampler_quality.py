@@ -67,9 +67,8 @@ def with_eps_scale(model: DiffusionModel, sampler: str, scale: float | None) -> 
     """``model`` whose ``sampler`` steps with ε_θ/``scale`` (None: the model as it is)."""
     if scale is None:
         return model
-    own = model.spec.sampling.get("eps_scale", 1.0)
-    per_sampler = dict(own) if isinstance(own, dict) else {name: own for name in SAMPLERS}
-    spec = replace(model.spec, sampling={**model.spec.sampling, "eps_scale": {**per_sampler, sampler: scale}})
+    per_sampler = {name: model.spec.eps_scale(name) for name in SAMPLERS} | {sampler: scale}
+    spec = replace(model.spec, sampling={**model.spec.sampling, "eps_scale": per_sampler})
     return replace(model, spec=spec)
 
 
