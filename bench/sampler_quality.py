@@ -14,8 +14,9 @@ The images are scored by the project's evaluator (``service.evaluate.Evaluator``
 features against the model's evaluation split, mean confidence, digit shares, novelty), next to the real-data
 floor at the same N. ``--ddpm-num`` adds a measured DDPM-1000 line; ``--ddpm-from FILE`` reuses the DDPM-1000
 row of an earlier run's JSON instead (it takes hours on a CPU). ``--resume`` skips points already in ``--json``.
-``--eps-scales 0.98,1`` measures every point at each Epsilon Scaling λ (the sampler steps with ε_θ/λ, Ning et al.
-2023; the model's own λ otherwise) and ``--eps-plot`` draws FLD against λ.
+``--eps-scales 0.98,1,0.97:0.99`` measures every point at each Epsilon Scaling setting (the sampler steps with
+ε_θ/λ_t, Ning et al. 2023; the model's own otherwise): one λ, or ``a:b`` for λ_t linear from a at t = 0 to b at
+t = T-1. ``--eps-plot`` draws FLD against λ (a linear λ_t as a point at its mean).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.plots import pyplot, save
-from service.diffusion.checkpoint import DiffusionModel, load_model
+from service.diffusion.checkpoint import DiffusionModel, EpsScale, load_model
 from service.diffusion.samplers import SAMPLERS
 from service.engine.batcher import Engine, EngineSettings, claim_threads_for_worker
 from service.engine.client import GenerationRequest
@@ -63,13 +64,19 @@ async def engine_images(model: DiffusionModel, sampler: str, spacing: str | None
         await engine.drain(timeout_s=5)
 
 
-def with_eps_scale(model: DiffusionModel, sampler: str, scale: float | None) -> DiffusionModel:
-    """``model`` whose ``sampler`` steps with ε_θ/``scale`` (None: the model as it is)."""
+def with_eps_scale(model: DiffusionModel, sampler: str, scale: EpsScale | None) -> DiffusionModel:
+    """``model`` whose ``sampler`` steps with ε_θ/λ_t of ``scale`` (None: the model as it is)."""
     if scale is None:
         return model
     per_sampler = {name: model.spec.eps_scale(name) for name in SAMPLERS} | {sampler: scale}
     spec = replace(model.spec, sampling={**model.spec.sampling, "eps_scale": per_sampler})
     return replace(model, spec=spec)
+
+
+def parse_eps_scale(text: str) -> EpsScale:
+    """"0.98" → 0.98; "0.97:0.99" → (0.97, 0.99), λ at t = 0 and at t = T-1."""
+    first, _, last = text.partition(":")
+    return (float(first), float(last)) if last else float(first)
 
 
 def measure_point(args: argparse.Namespace, model: DiffusionModel, ev: Evaluator, sampler: str, spacing: str | None,
@@ -95,8 +102,8 @@ def plot(rows: list[dict], path: Path, title: str, hlines: list[str]) -> None:
     lines: dict[str, list[dict]] = {}
     for r in rows:
         if r["sampler"] != "ddpm" or r["steps"] < 1000:
-            scale = r.get("eps_scale", 1.0)
-            lines.setdefault(f"{r['sampler']} ({r['spacing']}{'' if scale == 1 else f', λ={scale:g}'})", []).append(r)
+            scale = "" if r.get("eps_scale", 1.0) == 1 else f", λ={lam_label(r)}"
+            lines.setdefault(f"{r['sampler']} ({r['spacing']}{scale})", []).append(r)
     # FLD falls with N, so a curve joins only the points of the most common N; others are hollow markers
     sizes = [p["num"] for pts in lines.values() for p in pts]
     main_n = max(set(sizes), key=sizes.count, default=0)
@@ -139,9 +146,15 @@ def plot_eps_scales(rows: list[dict], path: Path, title: str) -> None:
     for r in rows:
         lines.setdefault(f"{r['sampler']}-{r['steps']} ({r['spacing']}, N={r['num']})", []).append(r)
     for label, pts in sorted(lines.items()):
-        if len(pts) > 1:
-            pts = sorted(pts, key=lambda r: r.get("eps_scale", 1.0))
-            ax.plot([p.get("eps_scale", 1.0) for p in pts], [p["fld"] for p in pts], marker="o", label=label)
+        uniform = sorted((p for p in pts if not isinstance(p.get("eps_scale", 1.0), list | tuple)),
+                         key=lambda r: r.get("eps_scale", 1.0))
+        if len(uniform) > 1:
+            ax.plot([p.get("eps_scale", 1.0) for p in uniform], [p["fld"] for p in uniform], marker="o",
+                    label=label)
+        for p in pts:
+            if isinstance(p.get("eps_scale"), list | tuple):
+                ax.plot(sum(p["eps_scale"]) / 2, p["fld"], marker="*", markersize=10, linestyle="none",
+                        label=f"{label}, λ_t {lam_label(p)}")
     for n, f in sorted({(r["num"], r["floor_fld"]) for r in rows}):
         ax.axhline(f, color="grey", linestyle=":", label=f"real-data floor (N={n})")
     ax.axvline(1.0, color="black", linewidth=0.8)
@@ -153,13 +166,19 @@ def plot_eps_scales(rows: list[dict], path: Path, title: str) -> None:
     save(fig, path)
 
 
+def lam_label(row: dict) -> str:
+    """A point's Epsilon Scaling: "0.98", or "0.97→0.99" (λ at t = 0 → at t = T-1)."""
+    scale = row.get("eps_scale", 1.0)
+    return f"{scale[0]:g}→{scale[1]:g}" if isinstance(scale, list | tuple) else f"{scale:g}"
+
+
 def table(rows: list[dict]) -> str:
     head = ("| sampler | spacing | steps | N | λ | FLD | floor | ratio | confidence | digit shares | novelty "
             "| images/s |")
     out = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["sampler"], r["spacing"], r["steps"], r.get("eps_scale", 1.0))):
+    for r in sorted(rows, key=lambda r: (r["sampler"], r["spacing"], r["steps"], lam_label(r))):
         novelty = "" if r.get("novelty") is None else f"{r['novelty']:.2f}"
-        out.append(f"| {r['sampler']} | {r['spacing']} | {r['steps']} | {r['num']} | {r.get('eps_scale', 1.0):g} | "
+        out.append(f"| {r['sampler']} | {r['spacing']} | {r['steps']} | {r['num']} | {lam_label(r)} | "
                    f"{r['fld']:.2f} | "
                    f"{r['floor_fld']:.2f} | {r['fld_ratio']:.2f} | {r['confidence']:.3f} | "
                    f"{100 * r['min_share']:.1f}–{100 * r['max_share']:.1f}% | {novelty} | {r['images_per_s']:.2f} |")
@@ -182,7 +201,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda: where the engine runs the UNet")
     p.add_argument("--classifier", default=None, help="the evaluator's classifier (default: the model's own)")
     p.add_argument("--json", default="docs/sampler_quality.json")
-    p.add_argument("--plot", default="docs/sampler_quality.png")
+    p.add_argument("--plot", default=None, help="also plot FLD against network evaluations here")
     p.add_argument("--resume", action="store_true", help="keep the points already in --json")
     p.add_argument("--hline", action="append", default=[], help="LABEL=FLD: a reference line measured elsewhere")
     p.add_argument("--eps-scales", default="",
@@ -195,7 +214,7 @@ def main() -> None:
     ev = Evaluator.for_model(model, args.model, classifier_path=args.classifier)
     out = Path(args.json)
     rows: list[dict] = json.loads(out.read_text())["points"] if args.resume and out.is_file() else []
-    done = {(r["sampler"], r["spacing"], r["steps"], r["num"], r.get("eps_scale", 1.0)) for r in rows}
+    done = {(r["sampler"], r["spacing"], r["steps"], r["num"], lam_label(r)) for r in rows}
     if args.ddpm_from and not any(r["sampler"] == "ddpm" and r["steps"] >= 1000 for r in rows):
         rows += [r for r in json.loads(Path(args.ddpm_from).read_text())["points"]
                  if r["sampler"] == "ddpm" and r["steps"] >= 1000]
@@ -203,16 +222,17 @@ def main() -> None:
             for c in args.configs.split(",") for s in args.steps.split(",")]
     if args.ddpm_num:
         plan.append(("ddpm", "trailing", model.spec.num_train_timesteps))
-    scales = [float(v) for v in args.eps_scales.split(",")] if args.eps_scales else [None]
+    scales = [parse_eps_scale(v) for v in args.eps_scales.split(",")] if args.eps_scales else [None]
     for (sampler, spacing, steps), scale in itertools.product(plan, scales):
         num = args.ddpm_num if sampler == "ddpm" and steps >= 1000 else args.num if steps <= 20 else args.num_many_steps
         scaled = with_eps_scale(model, sampler, scale)
-        key = (sampler, spacing or model.spec.default_spacing(sampler), steps, num, scaled.spec.eps_scale(sampler))
+        key = (sampler, spacing or model.spec.default_spacing(sampler), steps, num,
+               lam_label({"eps_scale": scaled.spec.eps_scale(sampler)}))
         if key in done:
             continue
         row = measure_point(args, scaled, ev, sampler, spacing, steps, num)
         rows.append(row)
-        print(f"{sampler}:{row['spacing']}-{steps} N={num} λ={row['eps_scale']:g}: FLD {row['fld']:.2f} "
+        print(f"{sampler}:{row['spacing']}-{steps} N={num} λ={lam_label(row)}: FLD {row['fld']:.2f} "
               f"(floor {row['floor_fld']:.2f}), {row['images_per_s']:.2f} images/s", flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"model": args.model, "model_sha256": model.sha256, "device": args.device,
@@ -220,11 +240,12 @@ def main() -> None:
                                    "batch": args.batch, "threads": args.threads, "evaluation": ev.describe(),
                                    "points": rows}, indent=2) + "\n")
     print(table(rows))
-    plot(rows, Path(args.plot), f"{model.name}: FLD vs network evaluations ({args.dtype}, batch {args.batch})",
-         args.hline)
+    if args.plot:
+        plot(rows, Path(args.plot), f"{model.name}: FLD vs network evaluations ({args.dtype}, batch {args.batch})",
+             args.hline)
     if args.eps_plot:
         plot_eps_scales(rows, Path(args.eps_plot), f"{model.name}: Epsilon Scaling ({args.dtype})")
-    print(f"wrote {out} and {args.plot}")
+    print("wrote", ", ".join(str(path) for path in (out, args.plot, args.eps_plot) if path))
 
 
 if __name__ == "__main__":

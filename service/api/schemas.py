@@ -260,8 +260,9 @@ class ModelResponse(BaseModel):
     max_steps: dict[str, int] = Field(description="the most steps each sampler can run")
     timestep_spacings: dict[str, list[str]] = Field(description="the spacings each sampler supports")
     default_timestep_spacing: dict[str, str] = Field(description="the model's spacing for each sampler")
-    eps_scale: dict[str, float] = Field(
-        description="Epsilon Scaling (Ning et al. 2023) per sampler: it steps with ε_θ/λ; 1 = the network's ε"
+    eps_scale: dict[str, float | tuple[float, float]] = Field(
+        description="Epsilon Scaling (Ning et al. 2023) per sampler: it steps with ε_θ/λ_t; one λ for every t, or "
+        "[λ at t = 0, λ at t = T-1] with λ_t linear in t between; 1 = the network's ε"
     )
     resampling_samplers: list[str] = Field(
         description="the samplers inpainting's RePaint resampling (jump_n_sample > 1) works with: those that keep no "

@@ -4,7 +4,7 @@ A model-store entry is a folder::
 
     config.json        {"format", "name", "unet", "schedule", "variance_type", "clip_sample",
                         "sampling": {"timestep_spacing" (one, or one per sampler), "steps_offset", …,
-                                     "eps_scale" (one, or one per sampler)},
+                                     "eps_scale" (one, or one per sampler: λ, or [λ at t = 0, λ at t = T-1])},
                         "image": {"channels", "size", "value_range"}, "weights": {"file", "sha256"}}
     model.safetensors  the UNet state dict (diffusers UNet2DModel key names)
     guidance_classifier.{json,safetensors}  optional: the classifier of classifier guidance (diffusion/guidance.py)
@@ -57,6 +57,18 @@ class CheckpointError(ValueError):
     """A model folder that cannot be loaded: missing files, bad config or a hash mismatch."""
 
 
+EpsScale = float | tuple[float, float]  # Epsilon Scaling: one λ, or λ at t = 0 and at t = T-1 (linear between)
+
+
+def eps_scale_at(scale: EpsScale, t: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
+    """λ_t of Epsilon Scaling at each timestep of ``t`` (float32, t's shape): ``scale`` itself, or
+    λ_t = λ_0 + (λ_{T-1} - λ_0)·t/(T-1), Ning et al. 2023's linear schedule λ_t = k·t + b."""
+    if not isinstance(scale, tuple):
+        return torch.full(t.shape, scale, dtype=torch.float32, device=t.device)
+    first, last = scale
+    return first + (last - first) * t.to(torch.float32) / (num_train_timesteps - 1)
+
+
 @dataclass
 class ModelSpec:
     """Everything about a model except its weights: what config.json holds."""
@@ -89,8 +101,10 @@ class ModelSpec:
         for name, value in (scale if isinstance(scale, dict) else {"*": scale}).items():
             if name != "*" and name not in SAMPLERS:
                 raise CheckpointError(f"sampling.eps_scale names unknown sampler {name!r}")
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.5 <= value <= 2.0:
-                raise CheckpointError(f"sampling.eps_scale must be a number in [0.5, 2], got {value!r}")
+            ends = value if isinstance(value, list | tuple) and len(value) == 2 else [value]
+            if not all(isinstance(v, int | float) and not isinstance(v, bool) and 0.5 <= v <= 2.0 for v in ends):
+                raise CheckpointError("sampling.eps_scale must be a number in [0.5, 2] or two of them "
+                                      f"(λ at t = 0 and at t = T-1), got {value!r}")
 
     @property
     def options(self) -> SamplerOptions:
@@ -106,11 +120,13 @@ class ModelSpec:
             spacing = spacing.get(sampler)
         return spacing or get_sampler(sampler).default_spacing
 
-    def eps_scale(self, sampler: str) -> float:
-        """λ of Epsilon Scaling (Ning et al. 2023) for ``sampler``: its rows step with ε_θ/λ (one for all samplers, or
-        one per sampler; 1 = the network's ε as it is)."""
+    def eps_scale(self, sampler: str) -> EpsScale:
+        """λ of Epsilon Scaling (Ning et al. 2023) for ``sampler``: its rows step with ε_θ/λ_t (one setting for all
+        samplers, or one per sampler). One λ for every t, or (λ at t = 0, λ at t = T-1): λ_t linear in t between,
+        the paper's λ_t = k·t + b. 1 = the network's ε as it is."""
         scale = self.sampling.get("eps_scale", 1.0)
-        return float(scale.get(sampler, 1.0) if isinstance(scale, dict) else scale)
+        value = scale.get(sampler, 1.0) if isinstance(scale, dict) else scale
+        return (float(value[0]), float(value[1])) if isinstance(value, list | tuple) else float(value)
 
     @property
     def channels(self) -> int:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from service.diffusion.checkpoint import DiffusionModel
+from service.diffusion.checkpoint import DiffusionModel, eps_scale_at
 from service.diffusion.conditioning import Conditioning, RowConditioning, after_step, conditioned_plan, guide
 from service.diffusion.samplers import Plan, Rows, Sampler, SamplerOptions, Spacing, get_sampler
 from service.diffusion.schedule import NoiseSchedule
@@ -202,11 +202,12 @@ def batched_step(
     t = to_device(torch.tensor([g.t for g in groups for _ in range(g.rows)], dtype=torch.long), device)  # (B,)
     # 2. one forward: ε_θ(x_t, t) for all rows at their own t
     eps = forward(x, t) if forward is not None else predict_eps(model.unet, x, t, dtype)
-    # 2a. Epsilon Scaling (Ning et al. 2023): ε_θ/λ, λ set per sampler in the model's config (1 = none)
+    # 2a. Epsilon Scaling (Ning et al. 2023): ε_θ/λ_t, λ_t set per sampler in the model's config (1 = none)
     scales = [model.spec.eps_scale(g.sampler.name) for g in groups]
     if any(s != 1.0 for s in scales):
-        per_row = torch.tensor(scales, dtype=eps.dtype).repeat_interleave(torch.tensor([g.rows for g in groups]))
-        eps = eps / to_device(per_row, device).reshape(-1, *([1] * (eps.ndim - 1)))
+        per_row = torch.cat([eps_scale_at(s, torch.full((g.rows,), g.t), model.spec.num_train_timesteps)
+                             for s, g in zip(scales, groups, strict=True)])
+        eps = eps / to_device(per_row.to(eps.dtype), device).reshape(-1, *([1] * (eps.ndim - 1)))
     # 2b. classifier guidance — ε − s √(1−ᾱ_t) ∇ log p(y | x_t, t): ONE batched gradient over the guided rows only
     guided = None
     if any(g.cond is not None and g.cond.guided for g in groups):

@@ -17,7 +17,7 @@ from service.diffusion.samplers import Spacing
 from service.diffusion.schedule import NoiseSchedule, VarianceType
 
 if TYPE_CHECKING:
-    from service.diffusion.checkpoint import DiffusionModel
+    from service.diffusion.checkpoint import DiffusionModel, EpsScale
 
 __all__ = [
     "GUIDED_ROW_WEIGHT",
@@ -152,7 +152,8 @@ class ModelInfo:
     default_steps: dict[str, int] = field(default_factory=dict)  # per sampler name
     max_steps: dict[str, int] = field(default_factory=dict)  # per sampler name
     default_timestep_spacing: dict[str, Spacing] = field(default_factory=dict)  # per sampler name
-    eps_scale: dict[str, float] = field(default_factory=dict)  # per sampler name: it steps with ε_θ/λ (1 = none)
+    # per sampler name: it steps with ε_θ/λ_t, λ or (λ at t = 0, λ at t = T-1) (1 = none; checkpoint.eps_scale_at)
+    eps_scale: dict[str, EpsScale] = field(default_factory=dict)
     conditioning: tuple[str, ...] = ()  # what requests may ask for: image_to_image, inpainting, class_guidance
     num_classes: int | None = None  # class_label range 0..num_classes-1 (None: no guidance classifier)
     default_guidance_scale: float | None = None  # the scale a guided request without one gets

@@ -36,9 +36,10 @@ def server_t50_clip(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
 
 @pytest.fixture(scope="module")
 def server_t50_eps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """T = 50 with Epsilon Scaling λ = 0.9 for ddpm (and 0.95 for ddim)."""
+    """T = 50 with Epsilon Scaling λ_t linear from 0.9 at t = 0 to 0.95 at t = 49 for ddpm (and 0.95 for ddim)."""
     tmp = tmp_path_factory.mktemp("m50-eps")
-    srv = Server(make_model(tmp / "tiny", timesteps=50, sampling={"eps_scale": {"ddpm": 0.9, "ddim": 0.95}}), tmp)
+    sampling = {"eps_scale": {"ddpm": [0.9, 0.95], "ddim": 0.95}}
+    srv = Server(make_model(tmp / "tiny", timesteps=50, sampling=sampling), tmp)
     yield srv
     assert srv.stop() == 0, srv.log()
 
@@ -48,7 +49,7 @@ def server_t50_eps(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]
 def test_denoise_chain_reproduces_generate(fixture: str, clip: float, request: pytest.FixtureRequest) -> None:
     """x_T → /denoise-step at t = T-1 … 0 with the request's seed gives /generate's image (ddpm, steps = T),
     with the default clip of x̂_0 to ±1, with the model's own ``clip_sample_range``, and with its Epsilon Scaling
-    (both divide ε_θ by the model's λ for ddpm).
+    (both divide ε_θ by the model's λ_t for ddpm).
 
     x_T is image 0's first draw: torch.Generator seeded as documented for row_generator(seed, 0), i.e.
     (seed · 0x9E3779B97F4A7C15 + 0) mod 2^63. At every step the response must also satisfy
@@ -78,14 +79,14 @@ def test_denoise_chain_reproduces_generate(fixture: str, clip: float, request: p
 
 def test_eps_scale_is_reported_and_divides_the_denoise_step_eps(server_t50: Server, server_t50_eps: Server) -> None:
     info = server_t50_eps.client.get("/v1/model").json()
-    assert info["eps_scale"] == {"ddpm": 0.9, "ddim": 0.95, "dpmpp_2m": 1.0, "dpmpp_3m": 1.0, "dpmpp_2m_sde": 1.0,
-                                 "unipc": 1.0}
+    assert info["eps_scale"] == {"ddpm": [0.9, 0.95], "ddim": 0.95, "dpmpp_2m": 1.0, "dpmpp_3m": 1.0,
+                                 "dpmpp_2m_sde": 1.0, "unipc": 1.0}
     assert set(server_t50.client.get("/v1/model").json()["eps_scale"].values()) == {1.0}
     x = np.linspace(-1, 1, SIZE * SIZE, dtype=np.float32).reshape(1, SIZE, SIZE)
     # the same random weights (make_model seeds them): only λ differs
     plain, scaled = (npy(s.client.post("/denoise-step", json={"x_t": b64npy(x), "t": 30, "seed": 1}).json()["eps"])
                      for s in (server_t50, server_t50_eps))
-    np.testing.assert_allclose(scaled, plain / 0.9, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scaled, plain / (0.9 + 0.05 * 30 / 49), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("t", [50, 300, 999])

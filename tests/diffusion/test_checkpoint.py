@@ -40,12 +40,16 @@ def test_sampling_settings_round_trip_and_bad_ones_are_refused(tiny_model_dir: P
     scaled = ModelSpec(name="tiny", unet=model.spec.unet, sampling={"eps_scale": {"ddim": 0.98}})
     assert (scaled.eps_scale("ddim"), scaled.eps_scale("ddpm"), loaded.spec.eps_scale("ddim")) == (0.98, 1.0, 1.0)
     assert ModelSpec(name="tiny", unet=model.spec.unet, sampling={"eps_scale": 0.99}).eps_scale("unipc") == 0.99
+    linear = ModelSpec(name="tiny", unet=model.spec.unet, sampling={"eps_scale": {"ddim": [0.97, 0.99]}})
+    assert (linear.eps_scale("ddim"), linear.eps_scale("unipc")) == ((0.97, 0.99), 1.0)
     for bad, message in (({"variance_type": "fixed_large"}, "unknown sampling settings"),
                          ({"timestep_spacing": {"ddim": "karras"}}, "not supported by 'ddim'"),
                          ({"timestep_spacing": {"euler": "linspace"}}, "unknown sampler 'euler'"),
                          ({"timestep_spacing": "logsnr"}, "not supported by 'ddpm'"),
                          ({"eps_scale": {"euler": 0.98}}, "unknown sampler 'euler'"),
                          ({"eps_scale": 0}, r"in \[0.5, 2\]"),
-                         ({"eps_scale": {"ddim": "0.98"}}, r"in \[0.5, 2\]")):
+                         ({"eps_scale": {"ddim": "0.98"}}, r"in \[0.5, 2\]"),
+                         ({"eps_scale": {"ddim": [0.97, 0.98, 0.99]}}, r"in \[0.5, 2\]"),
+                         ({"eps_scale": {"ddim": [0.97, 3]}}, r"in \[0.5, 2\]")):
         with pytest.raises(CheckpointError, match=message):
             ModelSpec(name="tiny", unet=model.spec.unet, sampling=bad)

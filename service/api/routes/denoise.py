@@ -18,6 +18,7 @@ from service.api.deps import SettingsDep, engine_for
 from service.api.encoding import InputError, b64_npy, b64_png, decode_b64, decode_image, decode_npy
 from service.api.errors import error_responses, invalid
 from service.api.schemas import DenoiseStepRequest, DenoiseStepResponse
+from service.diffusion.checkpoint import eps_scale_at
 from service.diffusion.rows import row_generator
 from service.diffusion.samplers.ddpm import posterior_step
 from service.diffusion.schedule import NoiseSchedule
@@ -88,8 +89,8 @@ async def denoise_step(body: DenoiseStepRequest, request: Request, settings: Set
     variance = body.variance or info.variance_type
     t = torch.tensor([body.t], dtype=torch.long)
     x = x_t[None]
-    # (1, C, H, W) on the engine's worker; divided by the model's Epsilon Scaling λ for ddpm, as /generate steps
-    eps = await engine.predict_eps(x, t) / info.eps_scale.get("ddpm", 1.0)
+    # (1, C, H, W) on the engine's worker; divided by the model's Epsilon Scaling λ_t for ddpm, as /generate steps
+    eps = await engine.predict_eps(x, t) / eps_scale_at(info.eps_scale.get("ddpm", 1.0), t, big_t).reshape(-1, 1, 1, 1)
     schedule: NoiseSchedule = info.schedule
     added = z if body.t > 0 else torch.zeros_like(z)
     x_prev, x0_pred, mean = posterior_step(schedule, x, eps, body.t, added[None], variance, info.ddpm_clip_range)
