@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from service.hardware import auto_dtype
+
 REPO = Path(__file__).resolve().parents[1]
+# bf16 runs emulated on CPUs without avx512_bf16/AMX (0.3 GFLOP/s on an AVX2 EPYC): the benches' bf16 defaults would
+# take tens of minutes there
+needs_native_bf16 = pytest.mark.skipif(auto_dtype("cpu") != "bfloat16",
+                                       reason="this CPU has no native bf16 (avx512_bf16/AMX): bf16 runs emulated")
 
 
 def run_bench(script: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -35,6 +41,7 @@ def test_load_bench_replays_one_trace_in_both_modes(tiny_model_dir: Path, tmp_pa
 
 
 @pytest.mark.slow
+@needs_native_bf16
 def test_offline_bench_compares_engine_and_diffusers(tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "offline.json"
     run_bench("engine_offline.py", "--model", str(tiny_model_dir), "--images", "4", "--batch", "2",
@@ -139,6 +146,7 @@ def test_training_curve_plots_a_runs_loss_log(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").is_file(), reason=f"MNIST training split not at {MNIST}")
+@needs_native_bf16
 def test_recipe_ablation_trains_and_scores_each_arm_and_resumes(tmp_path: Path) -> None:
     out, plot = tmp_path / "a.json", tmp_path / "a.png"
     common = ["--data", str(MNIST / "train-images-idx3-ubyte.gz"), "--classifier",
