@@ -205,9 +205,9 @@ def batched_step(
     # 2a. Epsilon Scaling (Ning et al. 2023): ε_θ/λ_t, λ_t set per sampler in the model's config (1 = none)
     scales = [model.spec.eps_scale(g.sampler.name) for g in groups]
     if any(s != 1.0 for s in scales):
-        per_row = torch.cat([eps_scale_at(s, torch.full((g.rows,), g.t), model.spec.num_train_timesteps)
-                             for s, g in zip(scales, groups, strict=True)])
-        eps = eps / to_device(per_row.to(eps.dtype), device).reshape(-1, *([1] * (eps.ndim - 1)))
+        per_row = torch.cat([eps_scale_at(s, ts, model.spec.num_train_timesteps)
+                             for s, ts in zip(scales, t.split([g.rows for g in groups]), strict=True)])
+        eps = eps / per_row.to(eps.dtype).reshape(-1, *([1] * (eps.ndim - 1)))
     # 2b. classifier guidance — ε − s √(1−ᾱ_t) ∇ log p(y | x_t, t): ONE batched gradient over the guided rows only
     guided = None
     if any(g.cond is not None and g.cond.guided for g in groups):
